@@ -1,0 +1,2 @@
+"""The Iwaki fleet manager: registry, relay, health and the demo."""
+__version__ = "0.1.0"
