@@ -1,5 +1,5 @@
 # TCP streams for firmware running in the MicroPython VM on the host: the VM
-# has no socket module, so this bridges to Node.js (tests/harness/hostnet.mjs).
+# has no socket module, so this bridges to Node.js (tools/mpvm/hostnet.mjs).
 # Same shape as asyncio.open_connection's streams: readexactly/write/drain/close.
 import hostnet
 

@@ -20,23 +20,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-RUNNER = Path(__file__).with_name("runner.mjs")
-VM_PACKAGE = REPO / "node_modules" / "@micropython" / "micropython-webassembly-pyscript"
+from tools.mpvm import REPO, RUNNER, VMError, vm_available
+
 TIMEOUT_S = float(os.environ.get("FWTEST_TIMEOUT", "300"))
-
-
-class VMError(Exception):
-    """The VM could not run a firmware module at all."""
-
-
-def vm_available() -> str | None:
-    """Return why the VM cannot run here, or None when it can."""
-    if shutil.which("node") is None:
-        return "node is not installed (the MicroPython VM runs under Node.js)"
-    if not VM_PACKAGE.exists():
-        return "the MicroPython VM is not installed: run `make test` (it runs npm ci)"
-    return None
 
 
 def firmware_test_names(path: Path) -> list[str]:

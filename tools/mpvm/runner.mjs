@@ -1,11 +1,11 @@
-// Runs one firmware test module inside the pinned MicroPython VM.
+// Runs firmware code inside the pinned MicroPython VM (tools/mpvm/__init__.py).
 //
 //   node runner.mjs <request.json>
 //
-// The request names the firmware tree, extra library dirs, the test module
-// and the test names (in source order). Results come back on stdout as
-// lines starting with "@@" followed by JSON; everything else a test prints
-// is passed through and attached to the running test by the pytest side.
+// The request names library dirs copied to /lib, and either a test module
+// with its test names (in source order) or a script. Test results come
+// back on stdout as lines starting with "@@" followed by JSON; everything
+// else is passed through.
 import { readFileSync, readdirSync, statSync } from "node:fs";
 import { join, basename } from "node:path";
 import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
@@ -41,6 +41,30 @@ for (const dir of req.lib_dirs) {
 for (const [dst, src] of Object.entries(req.data_files || {})) mp.FS.writeFile(dst, readFileSync(src));
 mp.FS.mkdir("/flash");
 mp.FS.writeFile("/fwtest_env.json", JSON.stringify(req.env || {}));
+if (req.script !== undefined) {
+  // script mode: run the code as a task, print its errors, exit 1 on failure
+  mp.registerJsModule("hostnet", hostnet);
+  let finished;
+  const done = new Promise((resolve) => { finished = resolve; });
+  globalThis.__script_done = (ok) => finished(ok);
+  mp.FS.writeFile("/lib/__script__.py", req.script);
+  mp.runPython(`
+import asyncio, sys, js
+async def _main():
+    ok = False
+    try:
+        import __script__
+        if hasattr(__script__, "main"):
+            await __script__.main()
+        ok = True
+    except BaseException as e:
+        sys.print_exception(e)
+    js.__script_done(ok)
+asyncio.create_task(_main())
+`);
+  const ok = await done;
+  process.exit(ok ? 0 : 1);
+}
 mp.FS.writeFile("/lib/" + req.module + ".py", readFileSync(req.test_file));
 mp.registerJsModule("hostnet", hostnet);
 globalThis.__fwtest_names = req.tests;
