@@ -83,8 +83,9 @@ KEYS = {
     "mqtt": ("keepalive_s",),
     "outbox": ("limit_bytes",),
     "wdt": ("timeout_ms",),
-    "identity": ("node", "root", "broker", "user", "password", "tls"),
+    "identity": ("node", "root", "broker", "user", "password", "tls", "wifi"),
     "broker": ("host", "port"),
+    "wifi": ("ssid", "password"),
 }
 
 _WANT = {
@@ -380,8 +381,16 @@ def check_identity(d):
     user = _get(d, "user", "", "str")
     if not user:
         _fail("user", "must not be empty (every node has its own credentials)")
-    return {"node": node, "root": root, "broker": {"host": host, "port": port},
-            "user": user, "password": _get(d, "password", "", "str"), "tls": tls}
+    out = {"node": node, "root": root, "broker": {"host": host, "port": port},
+           "user": user, "password": _get(d, "password", "", "str"), "tls": tls}
+    if "wifi" in d:
+        w = _get(d, "wifi", "", "table")
+        _keys(w, KEYS["wifi"], "wifi.")
+        ssid = _get(w, "ssid", "wifi.", "str")
+        if not 0 < len(ssid) <= 32:
+            _fail("wifi.ssid", "must be 1 to 32 characters")
+        out["wifi"] = {"ssid": ssid, "password": _get(w, "password", "wifi.", "str", "")}
+    return out
 
 
 def _read_json(path):

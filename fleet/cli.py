@@ -1,0 +1,192 @@
+"""`python -m fleet <command>`: the fleet manager's command line.
+
+Commands are a table of name -> (module, add_arguments, run, help), as in
+mpremote. A command's module is imported only when that command runs, so a
+command whose module is missing (or broken) does not break the others.
+Each handler is a thin layer over a documented Python API (`fleet.ingest`,
+`fleet.registry`).
+
+Errors: each layer has one exception type; here they become
+`fleet: <message>` on stderr and exit status 1 (2 for bad usage or
+settings), without a traceback. A traceback means a bug.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime
+
+from fleet.registry import Registry, RegistryError, parse_iso, utc_now
+from fleet.settings import SettingsError, get_settings
+
+PROG = "fleet"
+
+#: name -> (module, add_arguments function, run function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "serve": ("fleet.cli", "add_serve_arguments", "run_serve",
+              "receive the nodes' MQTT messages and store them in the registry"),
+    "nodes": ("fleet.cli", "add_nodes_arguments", "run_nodes",
+              "list the nodes in the registry"),
+    # -- demo: written separately in fleet/demo.py (add_arguments(parser), run(args) -> int).
+    # -- Imported only when chosen; `fleet demo` says so if the module is not there.
+    "demo": ("fleet.demo", "add_arguments", "run",
+             "run the Iwaki New Town demo (broker, fleet, virtual nodes)"),
+}
+
+
+class UsageError(Exception):
+    """The command line or the settings are wrong (exit status 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are a user's or the environment's problem, not a bug."""
+    from fleet.ingest import IngestError
+    from fleet.mosquitto import BrokerError
+    from fleet.schemas import PayloadError
+    return (RegistryError, IngestError, BrokerError, PayloadError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=PROG, description="Iwaki fleet manager")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    subparsers = {name: sub.add_parser(name, help=entry[3], description=entry[3])
+                  for name, entry in COMMANDS.items()}
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name not in COMMANDS:
+        parser.parse_args(argv)  # prints help or the usage error and exits
+        parser.print_usage(sys.stderr)
+        return 2
+    module_name, add_name, run_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == module_name
+        _error(f"{name} is not available" + ("" if missing else f" ({exc})"))
+        return 1
+    getattr(module, add_name)(subparsers[name])
+    args = parser.parse_args(argv)
+    try:
+        return int(getattr(module, run_name)(args) or 0)
+    except (UsageError, SettingsError) as exc:
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except _user_errors() as exc:
+        _error(str(exc))
+        return 1
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _settings(**flags):
+    """The environment's settings with the given command-line values over them."""
+    return get_settings().override(**flags)
+
+
+# -- serve ----------------------------------------------------------------------
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--host", help="MQTT broker host (IWAKI_MQTT_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="MQTT broker port (IWAKI_MQTT_PORT, default 1883)")
+    p.add_argument("--user", help="MQTT user name (IWAKI_MQTT_USER)")
+    p.add_argument("--password", help="MQTT password (IWAKI_MQTT_PASSWORD; prefer the variable)")
+    p.add_argument("--root", help="topic root (IWAKI_ROOT, default iwaki)")
+    p.add_argument("--client-id", help="MQTT client id; keep it stable (IWAKI_MQTT_CLIENT_ID, default iwaki-fleet)")
+    p.add_argument("--offline-after", type=float, metavar="S",
+                   help="seconds of silence before a node is offline (IWAKI_OFFLINE_AFTER_S, default 180)")
+    p.add_argument("--report-every", type=float, default=60.0, metavar="S",
+                   help="log the message counts every S seconds (default 60)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run `fleet.ingest.Ingest` until SIGINT or SIGTERM."""
+    from fleet.ingest import Ingest
+
+    settings = _settings(db=args.db, mqtt_host=args.host, mqtt_port=args.port, mqtt_user=args.user,
+                         mqtt_password=args.password, root=args.root, client_id=args.client_id,
+                         offline_after_s=args.offline_after)
+    if args.report_every <= 0:
+        raise UsageError("--report-every must be positive")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("fleet.ingest").info("serving: broker %s:%d, root %r, registry %s",
+                                           settings.mqtt_host, settings.mqtt_port, settings.root, settings.db)
+    Ingest(settings).run(stop, report_every=args.report_every)
+    return 0
+
+
+# -- nodes ----------------------------------------------------------------------
+
+def add_nodes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the nodes' records")
+
+
+def run_nodes(args: argparse.Namespace) -> int:
+    settings = _settings(db=args.db)
+    with Registry(settings.db, create=False) as registry:
+        rows = registry.nodes()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(nodes_table(rows), end="")
+    return 0
+
+
+#: (header, minimum width, value of a row); a wider value widens its column.
+_COLUMNS = (
+    ("NODE", 12, lambda r, now: r["id"]),
+    ("STATE", 7, lambda r, now: r["state"]),
+    ("LAST SEEN", 9, lambda r, now: age(r["last_seen"], now)),
+    ("FW", 8, lambda r, now: r["fw"] or "-"),
+    ("BOARD", 12, lambda r, now: r["board"] or "-"),
+    ("BOOT", 5, lambda r, now: _num(r["boot"])),
+    ("SEQ", 7, lambda r, now: _num(r["last_seq"])),
+    ("GAPS", 5, lambda r, now: _num(r["gaps"])),
+    ("DUPS", 5, lambda r, now: _num(r["duplicates"])),
+)
+_NUMERIC = {"BOOT", "SEQ", "GAPS", "DUPS"}
+
+
+def nodes_table(rows: list[dict], now: datetime | None = None) -> str:
+    """The `fleet nodes` table: one line per node, aligned columns, "(no nodes)" when empty."""
+    now = now or utc_now()
+    cells = [[value(r, now) for _, _, value in _COLUMNS] for r in rows]
+    widths = [max([minimum] + [len(c[i]) for c in cells]) for i, (_, minimum, _) in enumerate(_COLUMNS)]
+
+    def line(values):
+        parts = [v.rjust(w) if h in _NUMERIC else v.ljust(w)
+                 for v, w, (h, _, _) in zip(values, widths, _COLUMNS)]
+        return "  ".join(parts).rstrip() + "\n"
+
+    out = line([h for h, _, _ in _COLUMNS])
+    out += "".join(line(c) for c in cells) if cells else "(no nodes)\n"
+    return out
+
+
+def age(when: str | None, now: datetime) -> str:
+    """`12s ago`, `5m ago`, `3h ago`, `2d ago`, or `never`."""
+    if not when:
+        return "never"
+    s = max(0, int((now - parse_iso(when)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit} ago"
+    return f"{s}s ago"
+
+
+def _num(value) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,308 @@
+"""Ingest: receive the nodes' MQTT messages, check them, store them in the registry.
+
+    ingest = Ingest(get_settings())
+    ingest.start()          # raises IngestError / RegistryError with a clear reason
+    ...
+    ingest.stop()
+
+Delivery: the MQTT session is persistent (clean session off, a stable client
+id), so QoS 1 messages the broker queued while the fleet was away arrive when
+it returns. Acknowledgements are manual: a message is PUBACKed only after the
+registry committed it (or recorded it as invalid), so a crash in between
+means the broker sends it again and the registry drops it as a duplicate;
+nothing is acknowledged and lost.
+
+Threads: paho's network thread only puts messages on a queue; one writer
+thread owns the `Registry` (SQLite connections are per thread), stores every
+message, acknowledges it and turns silent nodes offline (`mark_stale`).
+paho reconnects on its own after a broker restart; the subscriptions are
+renewed at every connect.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet.registry import Registry
+from fleet.schemas import PayloadError, parse, subscriptions
+from fleet.settings import Settings, get_settings
+
+log = logging.getLogger("fleet.ingest")
+
+_STOP = object()
+COUNTERS = ("received", "stored", "duplicates", "invalid", "errors", "connects", "disconnects")
+
+
+class IngestError(Exception):
+    """The ingest service cannot start: broker unreachable or refusing us."""
+
+
+class Ingest:
+    """Subscribe to every node's topics and store what arrives (see the module docstring)."""
+
+    def __init__(self, settings: Settings | None = None, *, db_path: str | None = None, host: str | None = None,
+                 port: int | None = None, root: str | None = None, user: str | None = None,
+                 password: str | None = None, client_id: str | None = None, keepalive: int = 30,
+                 reconnect_delay: tuple[float, float] = (0.5, 15.0), stale_check_s: float | None = None):
+        """`settings` (default `get_settings()`), with any of the keyword values given over it."""
+        self.settings = (settings or get_settings()).override(
+            db=db_path, mqtt_host=host, mqtt_port=port, root=root, mqtt_user=user, mqtt_password=password,
+            client_id=client_id)
+        self.keepalive = keepalive
+        self.reconnect_delay = reconnect_delay
+        self.stale_check_s = stale_check_s or min(10.0, max(0.1, self.settings.offline_after_s / 4))
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._client: mqtt.Client | None = None
+        self._writer: threading.Thread | None = None
+        self._writer_ready = threading.Event()
+        self._writer_error: BaseException | None = None
+        self._connack = threading.Event()
+        self._connack_reason: str | None = None
+        self._connected = False
+        self._stopping = False
+        self._last_rx = 0.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.mqtt_host}:{self.settings.mqtt_port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def counts(self) -> dict:
+        """A snapshot of the counters (messages received, stored, duplicates, invalid, errors...)."""
+        with self._lock:
+            return dict(self.counters)
+
+    # -- lifecycle --
+
+    def start(self, timeout: float = 10.0) -> "Ingest":
+        """Open the registry, connect and subscribe; raise if either is impossible."""
+        if self._writer is not None:
+            raise IngestError("ingest is already running")
+        self._stopping = False
+        self._writer = threading.Thread(target=self._write_loop, name="fleet-ingest-writer", daemon=True)
+        self._writer.start()
+        self._writer_ready.wait()
+        if self._writer_error is not None:
+            error = self._writer_error
+            self._writer.join()
+            self._writer = None
+            self._writer_ready.clear()
+            self._writer_error = None
+            raise error
+        try:
+            self._connect(timeout)
+        except BaseException:
+            self._stop_writer()
+            raise
+        return self
+
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Store (and acknowledge) what is queued, disconnect, stop the writer.
+
+        The broker keeps the session and the subscriptions, and queues QoS 1
+        messages until the next start.
+        """
+        if self._writer is None:
+            return
+        if self._client is not None and self._connected:
+            self.wait_idle(timeout=drain_s, quiet=0.0)
+        self._stopping = True
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        self._connected = False
+        self._stop_writer()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def wait_idle(self, timeout: float = 5.0, quiet: float = 0.2) -> bool:
+        """Wait until every received message is handled and nothing arrived for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._queue.all_tasks_done:
+                busy = self._queue.unfinished_tasks
+            if not busy and time.monotonic() - self._last_rx >= quiet:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def run(self, stop: threading.Event, report_every: float = 60.0) -> None:
+        """Start, then log the counters every `report_every` seconds until `stop` is set; then stop."""
+        self.start()
+        try:
+            while not stop.wait(report_every):
+                self.log_counts()
+        finally:
+            self.stop()
+            self.log_counts()
+
+    def log_counts(self) -> None:
+        c = self.counts()
+        log.info("received %d, stored %d, duplicates %d, invalid %d, errors %d; broker %s %s",
+                 c["received"], c["stored"], c["duplicates"], c["invalid"], c["errors"], self.where,
+                 "connected" if self._connected else "DISCONNECTED")
+
+    # -- MQTT (paho's network thread) --
+
+    def _connect(self, timeout: float) -> None:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=False,
+                             protocol=mqtt.MQTTv311, manual_ack=True)
+        if s.mqtt_user:
+            client.username_pw_set(s.mqtt_user, s.mqtt_password)
+        client.reconnect_delay_set(*self.reconnect_delay)
+        client.connect_timeout = min(timeout, 5.0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._connack.clear()
+        try:
+            client.connect(s.mqtt_host, s.mqtt_port, keepalive=self.keepalive)
+        except (OSError, ValueError) as exc:
+            raise IngestError(f"cannot reach the MQTT broker at {self.where}: {getattr(exc, 'strerror', None) or exc}"
+                              " (is the broker running? set --host/--port or IWAKI_MQTT_HOST/IWAKI_MQTT_PORT)"
+                              ) from None
+        self._client = client
+        client.loop_start()
+        if not self._connack.wait(timeout) or self._connack_reason is not None:
+            reason = self._connack_reason or f"no answer within {timeout:g} s"
+            self._stopping = True
+            client.disconnect()
+            client.loop_stop()
+            self._client = None
+            hint = ("check --user/--password or IWAKI_MQTT_USER/IWAKI_MQTT_PASSWORD"
+                    if "authori" in reason.lower() or "password" in reason.lower()
+                    else "is it an MQTT broker?")
+            raise IngestError(f"the MQTT broker at {self.where} refused the connection: {reason} ({hint})")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._connack_reason = str(reason_code)
+            self._connack.set()
+            log.error("broker %s refused the connection: %s", self.where, reason_code)
+            return
+        self._connack_reason = None
+        self._connected = True
+        self._count("connects")
+        client.subscribe([(topic, 1) for topic in subscriptions(self.settings.root)])
+        log.info("connected to %s as %s (session %s)", self.where, self.settings.client_id,
+                 "resumed" if flags.session_present else "new")
+        self._connack.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected, self._connected = self._connected, False
+        if self._stopping:
+            return
+        if was_connected:
+            self._count("disconnects")
+        log.warning("lost the broker at %s (%s); reconnecting", self.where, reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for topic, code in zip(subscriptions(self.settings.root), reason_codes):
+            if code.is_failure:
+                log.error("broker %s refused the subscription to %s: %s (check its ACL)", self.where, topic, code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "<topic that is not UTF-8>"
+        self._last_rx = time.monotonic()
+        self._count("received")
+        self._queue.put((topic, message.payload, message.retain, message.mid, message.qos,
+                         datetime.now(timezone.utc)))
+
+    # -- the writer thread --
+
+    def _write_loop(self) -> None:
+        try:
+            registry = Registry(self.settings.db)
+        except Exception as exc:  # handed to start(), raised there
+            self._writer_error = exc
+            self._writer_ready.set()
+            return
+        self._writer_ready.set()
+        next_stale = time.monotonic()
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=max(0.0, next_stale - time.monotonic()))
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    self._queue.task_done()
+                    break
+                if item is not None:
+                    try:
+                        self._handle(registry, *item)
+                    finally:
+                        self._queue.task_done()
+                if time.monotonic() >= next_stale:
+                    next_stale = time.monotonic() + self.stale_check_s
+                    self._mark_stale(registry)
+        finally:
+            registry.close()
+
+    def _handle(self, registry: Registry, topic: str, payload: bytes, retained: bool, mid: int, qos: int,
+                received_at: datetime) -> None:
+        s = self.settings
+        try:
+            try:
+                node, kind, data = parse(topic, payload, s.root, s.max_payload)
+            except PayloadError as exc:
+                log.warning("invalid payload on %s: %s", topic, exc.reason)
+                registry.record_invalid(topic, exc.reason, payload, node=exc.node, received_at=received_at)
+                self._count("invalid")
+            else:
+                result = registry.ingest(node, kind, data, received_at, retained=retained)
+                self._count("stored" if result == "stored" else "duplicates")
+        except Exception:
+            # A bug or a registry failure (disk full...): not acknowledged, so the
+            # broker sends it again after the next reconnect.
+            log.exception("could not store the message on %s", topic)
+            self._count("errors")
+            return
+        self._ack(mid, qos)
+
+    def _ack(self, mid: int, qos: int) -> None:
+        client = self._client
+        if client is not None and qos > 0:
+            client.ack(mid, qos)
+
+    def _mark_stale(self, registry: Registry) -> None:
+        try:
+            for node in registry.mark_stale(self.settings.offline_after_s):
+                log.info("node %s is offline: not heard for %g s", node, self.settings.offline_after_s)
+        except Exception:
+            log.exception("could not check for silent nodes")
+            self._count("errors")
+
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        self._writer_ready.clear()
+        self._writer_error = None
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1

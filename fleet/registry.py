@@ -1,0 +1,376 @@
+"""The fleet registry: SQLite through sqlite-utils, in WAL mode, with migrations.
+
+One `Registry` wraps one connection, so it belongs to the thread that made
+it; the ingest service does every write from one writer thread. Readers (the
+`nodes` command, later the API) open their own `Registry` on the same file:
+WAL mode lets them read while the writer writes.
+
+Schema changes are migrations: functions appended to `MIGRATIONS`, applied
+in order; the pending ones and their rows in the `migrations` table are
+written in one transaction, so an upgrade happens entirely or not at all.
+Opening an older database upgrades it in place; nothing is ever dropped and
+recreated. Never edit a migration that has shipped: add the next one.
+
+Times are UTC ISO 8601 strings with milliseconds (`2024-05-01T12:00:00.123Z`),
+so they sort and compare as text.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from fleet.schemas import NODE_KINDS, SEQ_KINDS
+
+log = logging.getLogger("fleet.registry")
+
+_EXCERPT_CHARS = 200
+_BUSY_TIMEOUT_MS = 5000
+
+
+class RegistryError(Exception):
+    """The registry cannot be opened, is newer than this code, or refused a write."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(when: datetime) -> str:
+    """`when` (aware, or naive meaning UTC) as `YYYY-MM-DDTHH:MM:SS.mmmZ`."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_iso(text: str) -> datetime:
+    """The inverse of `iso()`."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+# -- migrations ---------------------------------------------------------------
+
+def _m001_initial(db: Database) -> None:
+    db["nodes"].create({
+        "id": str, "state": str, "state_reason": str, "state_at": str,
+        "first_seen": str, "last_seen": str,
+        "fw": str, "board": str, "chip": str, "config_hash": str,
+        "boot": int, "boot_count": int, "reset_cause": str, "last_seq": int,
+        "gaps": int, "duplicates": int, "invalid": int,
+    }, pk="id", not_null=["state", "first_seen", "gaps", "duplicates", "invalid"],
+        defaults={"state": "unknown", "gaps": 0, "duplicates": 0, "invalid": 0})
+    db["seen"].create({"node": str, "boot": int, "seq": int, "kind": str, "received_at": str},
+                      pk=("node", "boot", "seq"), not_null=["kind", "received_at"])
+    db["telemetry"].create({
+        "id": int, "node": str, "boot": int, "seq": int, "ts": str, "received_at": str,
+        "clock_set": int, "channel": str, "n": int, "min": float, "max": float, "mean": float,
+        "last": float, "sum": float,
+    }, pk="id", not_null=["node", "boot", "seq", "received_at", "channel", "n"])
+    db["telemetry"].create_index(["node", "channel", "received_at"])
+    db["health"].create({
+        "id": int, "node": str, "boot": int, "seq": int, "ts": str, "received_at": str,
+        "heap_free": int, "lag_max_ms": int, "overruns": int, "outbox_depth": int,
+        "outbox_dropped": int, "rssi": int, "vbat_mv": int, "payload": str,
+    }, pk="id", not_null=["node", "boot", "seq", "received_at", "payload"])
+    db["health"].create_index(["node", "received_at"])
+    db["events"].create({
+        "id": int, "node": str, "boot": int, "seq": int, "ts": str, "received_at": str,
+        "event": str, "severity": str, "data": str,
+    }, pk="id", not_null=["node", "boot", "seq", "received_at", "event", "severity"])
+    db["events"].create_index(["node", "received_at"])
+    db["replies"].create({
+        "id": int, "node": str, "boot": int, "seq": int, "ts": str, "received_at": str,
+        "cmd_id": str, "ok": int, "result": str, "error": str,
+    }, pk="id", not_null=["node", "boot", "seq", "received_at", "cmd_id", "ok"])
+    db["replies"].create_index(["node", "cmd_id"])
+    db["gaps"].create({"id": int, "node": str, "boot": int, "from_seq": int, "to_seq": int,
+                       "detected_at": str}, pk="id", not_null=["node", "boot", "from_seq", "to_seq"])
+    db["gaps"].create_index(["node", "boot", "from_seq"])
+    db["invalid"].create({"id": int, "received_at": str, "topic": str, "node": str, "reason": str,
+                          "size": int, "excerpt": str}, pk="id", not_null=["received_at", "topic", "reason"])
+
+
+#: Applied in order; version N is MIGRATIONS[N - 1]. Append only.
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial]
+
+
+# -- the registry ---------------------------------------------------------------
+
+class Registry:
+    """The fleet's SQLite registry at `path` (created, with parents, unless `create` is false)."""
+
+    def __init__(self, path: str | Path, *, create: bool = True,
+                 migrations: list[Callable[[Database], None]] | None = None):
+        self.path = Path(path) if str(path) != ":memory:" else None
+        self.migrations = MIGRATIONS if migrations is None else migrations
+        where = str(path)
+        if self.path is not None and not self.path.exists() and not create:
+            raise RegistryError(f"no registry at {where} (start `fleet serve --db {where}` first, "
+                                "or point --db / IWAKI_DB at an existing one)")
+        try:
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = Database(where)
+        except (OSError, sqlite3.Error) as exc:
+            raise RegistryError(f"cannot open the registry at {where}: {_why(exc)} "
+                                "(is the directory writable? choose another with --db or IWAKI_DB)") from None
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if self.path is not None:
+                self.db.enable_wal()
+            self._migrate()
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise RegistryError(f"cannot use the registry at {where}: {_why(exc)}") from None
+        except RegistryError:
+            self.db.close()
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- migrations --
+
+    def _migrate(self) -> None:
+        if self._applied() == set(range(1, len(self.migrations) + 1)):
+            return  # the usual case: nothing to do and no write lock taken
+        with self._write():  # another process may be migrating: decide under the write lock
+            self.db["migrations"].create({"version": int, "name": str, "applied_at": str},
+                                         pk="version", if_not_exists=True)
+            applied = self._applied()
+            newest = max(applied, default=0)
+            if newest > len(self.migrations):
+                raise RegistryError(f"the registry at {self.path} is at schema version {newest}, "
+                                    f"newer than this fleet ({len(self.migrations)}); upgrade the fleet")
+            for version, migration in enumerate(self.migrations, start=1):
+                if version in applied:
+                    continue
+                migration(self.db)
+                self.db["migrations"].insert({"version": version, "name": migration.__name__,
+                                              "applied_at": iso(utc_now())})
+                log.info("registry %s: applied migration %d (%s)", self.path, version, migration.__name__)
+
+    def _applied(self) -> set[int]:
+        if not self.db["migrations"].exists():
+            return set()
+        return {row[0] for row in self.db.execute("SELECT version FROM migrations")}
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction, taking the write lock at once (BEGIN IMMEDIATE), so two
+        writers wait for each other (busy timeout) instead of failing on a lock upgrade."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.rollback()
+            raise
+        else:
+            self.db.commit()
+
+    @property
+    def version(self) -> int:
+        return self.db.execute("SELECT coalesce(max(version), 0) FROM migrations").fetchone()[0]
+
+    # -- writes --
+
+    def ingest(self, node: str, kind: str, payload: dict, received_at: datetime | None = None,
+               retained: bool = False) -> str:
+        """Store one validated message; return "stored" or "duplicate".
+
+        Telemetry, health, events and replies are de-duplicated by
+        `(node, boot, seq)` and checked for gaps, in the same transaction
+        as the insert. `retained` marks a message the broker replayed (a
+        retained birth or state): it updates identity and state but is no
+        proof that the node is alive now, so `last_seen` stays.
+        """
+        if kind not in NODE_KINDS:
+            raise RegistryError(f"unknown message kind {kind!r}")
+        at = iso(received_at or utc_now())
+        boot, seq = payload["boot"], payload["seq"]
+        with self._write():
+            row = self._node_row(node, at)
+            changes: dict = {}
+            if not retained:
+                changes["last_seen"] = at
+            newer_boot = row["boot"] is None or boot > row["boot"]
+            current = newer_boot or boot == row["boot"]
+            if newer_boot:
+                changes.update(boot=boot, last_seq=None)
+            if kind in SEQ_KINDS:
+                highest = self._highest_seq(node, boot)
+                if not self._mark_seen(node, boot, seq, kind, at):
+                    self._update_node(node, {"duplicates": row["duplicates"] + 1})
+                    return "duplicate"
+                changes["gaps"] = row["gaps"] + self._track_gaps(node, boot, seq, highest, at)
+                if current:
+                    last = None if newer_boot else row["last_seq"]
+                    changes["last_seq"] = seq if last is None else max(last, seq)
+                getattr(self, "_store_" + kind)(node, payload, at)
+                if kind == "health" and current:
+                    changes.update({k: payload[k] for k in ("fw", "config_hash", "boot_count", "reset_cause")})
+            elif kind == "birth" and current:
+                changes.update({k: payload[k] for k in ("fw", "board", "chip", "config_hash",
+                                                         "boot_count", "reset_cause")})
+            elif kind == "state" and current:
+                changes.update(state=payload["state"], state_reason=payload.get("reason"), state_at=at)
+            if not retained and kind != "state" and row["state"] != "online":
+                changes.update(state="online", state_reason="heard", state_at=at)
+            self._update_node(node, changes)
+        return "stored"
+
+    def record_invalid(self, topic: str, reason: str, payload: bytes, node: str | None = None,
+                       received_at: datetime | None = None) -> None:
+        """Keep a refused message: when, where, why and the first 200 characters."""
+        excerpt = bytes(payload[:_EXCERPT_CHARS * 4]).decode("utf-8", "replace")[:_EXCERPT_CHARS]
+        with self._write():
+            self.db["invalid"].insert({"received_at": iso(received_at or utc_now()), "topic": topic,
+                                       "node": node, "reason": reason, "size": len(payload),
+                                       "excerpt": excerpt})
+            if node is not None:
+                self.db.execute("UPDATE nodes SET invalid = invalid + 1 WHERE id = ?", [node])
+
+    def mark_stale(self, offline_after_s: float, now: datetime | None = None) -> list[str]:
+        """Turn online nodes not heard within `offline_after_s` offline (reason "timeout").
+
+        A node's clock for this is the later of `last_seen` and the time its
+        state was last set, so a retained "online" replayed at fleet start
+        gets a full timeout before it is doubted. Returns the ids changed.
+        """
+        now = now or utc_now()
+        cutoff = iso(now - timedelta(seconds=offline_after_s))
+        with self._write():
+            ids = [r["id"] for r in self.db.query(
+                "SELECT id FROM nodes WHERE state = 'online' "
+                "AND max(coalesce(last_seen, ''), coalesce(state_at, '')) < ? ORDER BY id", [cutoff])]
+            for node in ids:
+                self._update_node(node, {"state": "offline", "state_reason": "timeout", "state_at": iso(now)})
+        return ids
+
+    # -- reads --
+
+    def nodes(self) -> list[dict]:
+        """Every node, by id, as a dict of the `nodes` columns."""
+        return list(self.db.query("SELECT * FROM nodes ORDER BY id"))
+
+    def node(self, node: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM nodes WHERE id = ?", [node]))
+        return rows[0] if rows else None
+
+    def gaps(self, node: str | None = None) -> list[dict]:
+        """Open gaps (ranges of missing seq) per node and boot."""
+        where, args = ("WHERE node = ?", [node]) if node else ("", [])
+        return list(self.db.query(
+            f"SELECT node, boot, from_seq, to_seq, detected_at FROM gaps {where} ORDER BY node, boot, from_seq",
+            args))
+
+    def stats(self) -> dict:
+        """Counts for logs and metrics; `telemetry_stored` counts messages, not channel rows;
+        `gaps` counts missing messages in open gaps."""
+        one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "nodes": one("SELECT count(*) FROM nodes"),
+            "nodes_online": one("SELECT count(*) FROM nodes WHERE state = 'online'"),
+            "telemetry_stored": one("SELECT count(*) FROM seen WHERE kind = 'telemetry'"),
+            "health_stored": one("SELECT count(*) FROM health"),
+            "events_stored": one("SELECT count(*) FROM events"),
+            "replies_stored": one("SELECT count(*) FROM replies"),
+            "invalid": one("SELECT count(*) FROM invalid"),
+            "duplicates": one("SELECT coalesce(sum(duplicates), 0) FROM nodes"),
+            "gaps": one("SELECT coalesce(sum(gaps), 0) FROM nodes"),
+        }
+
+    # -- internals --
+
+    def _node_row(self, node: str, at: str) -> dict:
+        row = self.node(node)
+        if row is None:
+            self.db["nodes"].insert({"id": node, "state": "unknown", "first_seen": at})
+            row = self.node(node)
+            log.info("new node %s", node)
+        return row
+
+    def _update_node(self, node: str, changes: dict) -> None:
+        if changes:
+            self.db["nodes"].update(node, changes)
+
+    def _highest_seq(self, node: str, boot: int) -> int | None:
+        return self.db.execute("SELECT max(seq) FROM seen WHERE node = ? AND boot = ?", [node, boot]).fetchone()[0]
+
+    def _mark_seen(self, node: str, boot: int, seq: int, kind: str, at: str) -> bool:
+        cur = self.db.execute("INSERT OR IGNORE INTO seen (node, boot, seq, kind, received_at) "
+                              "VALUES (?, ?, ?, ?, ?)", [node, boot, seq, kind, at])
+        return cur.rowcount == 1
+
+    def _track_gaps(self, node: str, boot: int, seq: int, highest: int | None, at: str) -> int:
+        """Record or fill a gap; return the change in the number of missing messages."""
+        expected = 0 if highest is None else highest + 1
+        if seq > expected:
+            self.db["gaps"].insert({"node": node, "boot": boot, "from_seq": expected, "to_seq": seq - 1,
+                                    "detected_at": at})
+            log.warning("gap: %s boot %d is missing seq %d..%d", node, boot, expected, seq - 1)
+            return seq - expected
+        if seq == expected:
+            return 0
+        rows = list(self.db.query("SELECT id, from_seq, to_seq, detected_at FROM gaps WHERE node = ? AND boot = ? "
+                                  "AND from_seq <= ? AND to_seq >= ?", [node, boot, seq, seq]))
+        if not rows:
+            return 0
+        gap = rows[0]
+        table = self.db["gaps"]
+        if gap["from_seq"] == gap["to_seq"]:
+            table.delete(gap["id"])
+            log.info("gap closed: %s boot %d seq %d arrived late", node, boot, seq)
+        elif seq == gap["from_seq"]:
+            table.update(gap["id"], {"from_seq": seq + 1})
+        elif seq == gap["to_seq"]:
+            table.update(gap["id"], {"to_seq": seq - 1})
+        else:
+            table.update(gap["id"], {"to_seq": seq - 1})
+            table.insert({"node": node, "boot": boot, "from_seq": seq + 1, "to_seq": gap["to_seq"],
+                          "detected_at": gap["detected_at"]})
+        return -1
+
+    def _store_telemetry(self, node: str, p: dict, at: str) -> None:
+        common = {"node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
+                  "clock_set": int(p["clock_set"])}
+        self.db["telemetry"].insert_all(
+            {**common, "channel": name, "n": agg["n"], "min": agg["min"], "max": agg["max"],
+             "mean": agg["mean"], "last": agg["last"], "sum": agg.get("sum")}
+            for name, agg in p["ch"].items())
+
+    def _store_health(self, node: str, p: dict, at: str) -> None:
+        self.db["health"].insert({
+            "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
+            "heap_free": p["heap_free"], "lag_max_ms": p["loop"]["lag_max_ms"],
+            "overruns": p["loop"]["overruns"], "outbox_depth": p["outbox"]["depth"],
+            "outbox_dropped": p["outbox"]["dropped"], "rssi": p.get("rssi"), "vbat_mv": p.get("vbat_mv"),
+            "payload": json.dumps(p, separators=(",", ":"))})
+
+    def _store_event(self, node: str, p: dict, at: str) -> None:
+        self.db["events"].insert({
+            "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
+            "event": p["event"], "severity": p["severity"],
+            "data": json.dumps(p.get("data", {}), separators=(",", ":"))})
+
+    def _store_reply(self, node: str, p: dict, at: str) -> None:
+        self.db["replies"].insert({
+            "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
+            "cmd_id": p["id"], "ok": int(p["ok"]),
+            "result": json.dumps(p["result"]) if "result" in p else None, "error": p.get("error")})
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc)

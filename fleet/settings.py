@@ -1,0 +1,101 @@
+"""The fleet manager's settings: one dataclass, read from the environment once.
+
+Every part of the fleet takes its configuration from `get_settings()`; a
+command-line flag overrides the environment through `Settings.override()`.
+Tests build a `Settings(...)` directly, or set the environment and call
+`get_settings.cache_clear()`.
+
+| variable | field | default |
+| --- | --- | --- |
+| `IWAKI_DB` | `db` | `var/fleet.db` |
+| `IWAKI_MQTT_HOST` | `mqtt_host` | `127.0.0.1` |
+| `IWAKI_MQTT_PORT` | `mqtt_port` | `1883` |
+| `IWAKI_MQTT_USER` | `mqtt_user` | none (anonymous) |
+| `IWAKI_MQTT_PASSWORD` | `mqtt_password` | none |
+| `IWAKI_MQTT_CLIENT_ID` | `client_id` | `iwaki-fleet` (keep it stable: the broker keeps the session under it) |
+| `IWAKI_ROOT` | `root` | `iwaki` |
+| `IWAKI_OFFLINE_AFTER_S` | `offline_after_s` | `180` (heartbeat timeout) |
+| `IWAKI_MAX_PAYLOAD` | `max_payload` | `16384` bytes |
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class SettingsError(ValueError):
+    """A setting has a value the fleet cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = "var/fleet.db"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_user: str | None = None
+    mqtt_password: str | None = None
+    client_id: str = "iwaki-fleet"
+    root: str = "iwaki"
+    offline_after_s: float = 180.0
+    max_payload: int = 16384
+
+    def __post_init__(self):
+        if not 0 < self.mqtt_port < 65536:
+            raise SettingsError(f"MQTT port {self.mqtt_port} is not between 1 and 65535")
+        if not self.mqtt_host:
+            raise SettingsError("the MQTT host is empty")
+        if not self.db:
+            raise SettingsError("the database path is empty")
+        if not _ROOT_RE.match(self.root):
+            raise SettingsError(f"topic root {self.root!r} must be topic levels of "
+                                "[A-Za-z0-9_-] separated by '/' (no wildcards, no leading or trailing '/')")
+        if not self.client_id or len(self.client_id) > 64:
+            raise SettingsError("the MQTT client id must be 1 to 64 characters")
+        if self.offline_after_s <= 0:
+            raise SettingsError(f"offline_after_s must be positive, not {self.offline_after_s}")
+        if self.max_payload <= 0:
+            raise SettingsError(f"max_payload must be positive, not {self.max_payload}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Settings from `IWAKI_*` variables; unset or empty ones keep the default."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, (var, convert) in _ENV.items():
+            raw = environ.get(var, "").strip()
+            if not raw:
+                continue
+            try:
+                values[name] = convert(raw)
+            except ValueError:
+                raise SettingsError(f"{var}={raw!r} is not a valid {convert.__name__}") from None
+        return cls(**values)
+
+    def override(self, **changes) -> "Settings":
+        """A copy with the given fields replaced; `None` means "not given" and keeps the value."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_ROOT_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+_ENV = {
+    "db": ("IWAKI_DB", str),
+    "mqtt_host": ("IWAKI_MQTT_HOST", str),
+    "mqtt_port": ("IWAKI_MQTT_PORT", int),
+    "mqtt_user": ("IWAKI_MQTT_USER", str),
+    "mqtt_password": ("IWAKI_MQTT_PASSWORD", str),
+    "client_id": ("IWAKI_MQTT_CLIENT_ID", str),
+    "root": ("IWAKI_ROOT", str),
+    "offline_after_s": ("IWAKI_OFFLINE_AFTER_S", float),
+    "max_payload": ("IWAKI_MAX_PAYLOAD", int),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings from the environment (cached; `get_settings.cache_clear()` re-reads)."""
+    return Settings.from_env()
