@@ -1,0 +1,137 @@
+"""Integration: the real firmware as a virtual node (CPython + firmware/sim)
+against a real mosquitto and the real fleet ingest."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet.demo import firmware_on_path, node_identity
+from tools.boards import compile_board
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.broker
+
+
+def fast_profile() -> dict:
+    """env-station with a 1 s window so a test sees many windows quickly
+    (without the SCD4x, which gives a reading only every 5 s)."""
+    firmware_on_path()
+    from node.config import check_profile
+    p = compile_board(REPO / "boards" / "env-station.toml")
+    p["sensors"] = [s for s in p["sensors"] if s["kind"] != "scd4x"]
+    for s in p["sensors"]:
+        s["period_ms"] = {"bme280": 200, "pms5003": 1000}[s["kind"]]
+    p["report"].update(window_s=1, health_s=2, max_silence_s=1)
+    p["report"]["deadband"].pop("co2_ppm", None)
+    return check_profile(p)
+
+
+@pytest.fixture
+def fleet(broker, tmp_path):
+    from fleet.ingest import Ingest
+    db = tmp_path / "fleet.db"
+    ing = Ingest(db_path=str(db), host=broker.host, port=broker.port, root="iwaki")
+    ing.start()
+    yield ing, db
+    ing.stop()
+
+
+def rows(db, sql, *args):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def wait_for(pred, timeout=15.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+async def wait_async(pred, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return pred()
+
+
+def make_node(profile, broker, tmp_path, i=1):
+    firmware_on_path()
+    from node.clock import Clock
+    from sim.virtual import VirtualNode
+    ident = node_identity(i, "iwaki", broker)
+    root = tmp_path / ("flash%d" % i)
+    root.mkdir(exist_ok=True)
+    return VirtualNode(profile, ident, str(root), Clock(), asyncio.open_connection, seed=i)
+
+
+def test_birth_telemetry_health_and_last_will_reach_the_fleet(broker, fleet, tmp_path):
+    ing, db = fleet
+    profile = fast_profile()
+
+    async def scenario():
+        v = make_node(profile, broker, tmp_path)
+        task = asyncio.create_task(v.run())
+        assert await wait_async(lambda: v.node.uplink.sent >= 4, 20), "node sent nothing"
+        # power cut: the task dies and the socket closes without DISCONNECT
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        v.node.uplink.client._close()
+        return v
+
+    v = asyncio.run(scenario())
+    assert wait_for(lambda: rows(db, "select state, state_reason from nodes where id='env-0001'")
+                    == [("offline", "lost")]), rows(db, "select * from nodes")
+    node = rows(db, "select fw, board, chip, boot, config_hash from nodes where id='env-0001'")[0]
+    assert node[:4] == ("0.1.0", "env-station", "esp32s3", 1)
+    assert node[4] == v.node.config_hash
+    chans = {r[0] for r in rows(db, "select distinct channel from telemetry where node='env-0001'")}
+    assert {"temp_c", "rh_pct", "pressure_hpa"} <= chans, chans
+    t = rows(db, "select mean from telemetry where node='env-0001' and channel='temp_c'")
+    assert all(-10 < m < 40 for (m,) in t)
+    assert rows(db, "select count(*) from health where node='env-0001'")[0][0] >= 1
+
+
+def test_broker_restart_loses_no_telemetry_the_outbox_held(broker, fleet, tmp_path):
+    ing, db = fleet
+    profile = fast_profile()
+
+    async def scenario():
+        v = make_node(profile, broker, tmp_path)
+        task = asyncio.create_task(v.run())
+        assert await wait_async(lambda: v.node.uplink.sent >= 3, 20)
+        await asyncio.to_thread(broker.stop)
+        held_at_start = v.node.windows_sent
+        await asyncio.sleep(4)  # windows keep closing while the broker is away
+        depth_during_outage = v.node.outbox.depth
+        await asyncio.to_thread(broker.start)
+        # everything queued during the outage goes out after the reconnect
+        assert await wait_async(lambda: v.node.outbox.depth == 0 and v.node.uplink.client.connected, 30)
+        await asyncio.sleep(1)
+        await v.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return v, held_at_start, depth_during_outage
+
+    v, held, depth = asyncio.run(scenario())
+    assert depth >= 3, f"the outbox held only {depth} messages during the outage"
+    assert v.node.windows_sent > held + 2
+    sent_seqs = v.node.uplink.seq
+    assert wait_for(lambda: rows(db, "select count(*) from seen where node='env-0001'")[0][0] == sent_seqs, 20), \
+        (rows(db, "select count(*) from seen where node='env-0001'"), sent_seqs)
+    n_tel = rows(db, "select count(distinct seq) from telemetry where node='env-0001'")[0][0]
+    assert n_tel == v.node.windows_sent
+    assert rows(db, "select count(*) from gaps where node='env-0001'")[0][0] == 0
+    assert rows(db, "select state from nodes where id='env-0001'")[0][0] == "offline"
