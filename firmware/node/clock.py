@@ -15,6 +15,10 @@ class Clock:
     ticks_add = staticmethod(time.ticks_add)
     ticks_diff = staticmethod(time.ticks_diff)
 
+    # a blocking wait of a few ms, for parts that need one between a command
+    # and its answer (SCD4x); never used to pace the sampling loop
+    delay_ms = staticmethod(time.sleep_ms)
+
     async def sleep_ms(self, ms):
         await asyncio.sleep_ms(ms)
 

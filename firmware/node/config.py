@@ -294,7 +294,7 @@ def _report(d, sensors):
     if window * 1000 % longest:
         _fail(p + "window_s", "%d s is not a whole multiple of the longest sensor period (%s)"
               % (window, who))
-    health = _int(r, "health_s", p, 10, 86400, 60, " s")
+    health = _int(r, "health_s", p, 1, 86400, 60, " s")
     silence = _int(r, "max_silence_s", p, 1, 604800, 300, " s")
     if silence % window:
         _fail(p + "max_silence_s", "%d s is not a whole multiple of report.window_s (%d s)"

@@ -109,6 +109,13 @@ class Uplink:
             await c.disconnect()
         self.wake.set()
 
+    def kill(self):
+        """Drop the connection as a power cut would: no DISCONNECT, so the
+        broker publishes the last will."""
+        self.running = False
+        self.client._close()
+        self.wake.set()
+
     def _on_message(self, topic, msg):
         name = topic.decode()[len(self.base) + 4:]
         asyncio.create_task(self._command(name, msg))

@@ -1,0 +1,2 @@
+"""Host-only hardware simulation (clock, machine, devices) for the MicroPython
+VM and CPython. Never bundled onto a board."""

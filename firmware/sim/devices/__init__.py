@@ -1,0 +1,1 @@
+"""Simulated parts at register/frame level, attached to a sim.machine bus."""

@@ -1,0 +1,132 @@
+"""`python -m fleet demo`: a broker, the fleet and N virtual nodes on this machine.
+
+The virtual nodes are the real firmware (firmware/node) running under CPython
+on simulated boards (firmware/sim) with the devices of boards/env-station.toml,
+talking MQTT to a private mosquitto on a loopback port; the fleet ingests what
+they send into SQLite. With --seconds the demo stops by itself and prints a
+JSON summary on its last line.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fleet.mosquitto import Mosquitto
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("fleet.demo")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--nodes", type=int, default=5, help="virtual nodes to start (default 5)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop after this long and print a JSON summary (default: run until Ctrl-C)")
+    p.add_argument("--board", default=str(REPO / "boards" / "env-station.toml"), help="board profile (TOML)")
+    p.add_argument("--window-s", type=int, default=10,
+                   help="reporting window of the virtual nodes in seconds (default 10; boards say 60)")
+    p.add_argument("--state", default=None, help="directory for the broker, database and node flash "
+                                                  "(default: a new temporary directory)")
+    p.add_argument("--root", default="iwaki", help="MQTT topic root (default iwaki)")
+
+
+def firmware_on_path() -> None:
+    fw = str(REPO / "firmware")
+    if fw not in sys.path:
+        sys.path.insert(0, fw)
+    import sim.cpython  # noqa: E402  (the one place CPython is adapted)
+    sim.cpython.install()
+
+
+def demo_profile(board: str, window_s: int) -> dict:
+    from tools.boards import compile_board
+    firmware_on_path()
+    from node.config import check_profile
+    p = compile_board(board)
+    p["report"]["window_s"] = window_s
+    p["report"]["health_s"] = window_s
+    p["report"]["max_silence_s"] = window_s * 3
+    return check_profile(p)
+
+
+def node_identity(i: int, root: str, broker: Mosquitto) -> dict:
+    return {"node": "env-%04d" % i, "root": root,
+            "broker": {"host": broker.host, "port": broker.port},
+            "user": "env-%04d" % i, "password": ""}
+
+
+async def run_nodes(profile: dict, identities: list[dict], state: Path, seconds: float | None,
+                    on_tick=None) -> list:
+    firmware_on_path()
+    from node.clock import Clock
+    from sim.virtual import VirtualNode
+    clock = Clock()
+    nodes = []
+    for n, ident in enumerate(identities):
+        root = state / "nodes" / ident["node"]
+        root.mkdir(parents=True, exist_ok=True)
+        nodes.append(VirtualNode(profile, ident, str(root), clock, asyncio.open_connection, seed=n))
+    tasks = [asyncio.create_task(v.run()) for v in nodes]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await asyncio.wait_for(stop.wait(), seconds) if seconds else await stop.wait()
+    except asyncio.TimeoutError:
+        pass
+    if on_tick:
+        on_tick()
+    for v in nodes:
+        await v.stop()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return nodes
+
+
+def run(args) -> int:
+    from fleet.ingest import Ingest
+    from fleet.registry import Registry
+
+    if args.nodes < 1:
+        print("fleet: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="iwaki-demo-"))
+    state.mkdir(parents=True, exist_ok=True)
+    profile = demo_profile(args.board, args.window_s)
+    broker = Mosquitto(state / "broker").start()
+    db = state / "fleet.db"
+    ingest = Ingest(db_path=str(db), host=broker.host, port=broker.port, root=args.root)
+    ingest.start()
+    print(f"demo: broker on {broker.host}:{broker.port}, database {db}", file=sys.stderr)
+    print(f"demo: {args.nodes} virtual {profile['name']} nodes, window {args.window_s} s; "
+          f"watch them with: python -m fleet nodes --db {db}", file=sys.stderr)
+    summary = {}
+
+    def snapshot():
+        ingest.wait_idle(5)
+        s = Registry(str(db)).stats()
+        summary.update({"nodes": args.nodes, "nodes_online": s["nodes_online"],
+                        "telemetry_stored": s["telemetry_stored"], "invalid": s["invalid"],
+                        "duplicates": s["duplicates"]})
+
+    identities = [node_identity(i + 1, args.root, broker) for i in range(args.nodes)]
+    t0 = time.monotonic()
+    try:
+        asyncio.run(run_nodes(profile, identities, state, args.seconds, on_tick=snapshot))
+    finally:
+        ingest.wait_idle(5)
+        ingest.stop()
+        broker.stop()
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(summary))
+    return 0
