@@ -3,11 +3,13 @@ against a real mosquitto and the real fleet ingest."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import sys
 import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from fleet.demo import firmware_on_path, node_identity
@@ -85,6 +87,15 @@ def test_birth_telemetry_health_and_last_will_reach_the_fleet(broker, fleet, tmp
         v = make_node(profile, broker, tmp_path)
         task = asyncio.create_task(v.run())
         assert await wait_async(lambda: v.node.uplink.sent >= 4, 20), "node sent nothing"
+        # a command from the fleet side and a bad one: both answered on reply
+        cmd = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        cmd.connect(broker.host, broker.port)
+        cmd.loop_start()
+        cmd.publish("iwaki/env-0001/cmd/ping", json.dumps({"v": 1, "id": "p-1"}), qos=1).wait_for_publish(5)
+        cmd.publish("iwaki/env-0001/cmd/selfdestruct", json.dumps({"v": 1, "id": "p-2"}), qos=1).wait_for_publish(5)
+        cmd.loop_stop()
+        cmd.disconnect()
+        assert await wait_async(lambda: len(rows(db, "select * from replies")) == 2, 10)
         # power cut: the node's task dies, its socket closes without DISCONNECT
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -101,6 +112,10 @@ def test_birth_telemetry_health_and_last_will_reach_the_fleet(broker, fleet, tmp
     t = rows(db, "select mean from telemetry where node='env-0001' and channel='temp_c'")
     assert all(-10 < m < 40 for (m,) in t)
     assert rows(db, "select count(*) from health where node='env-0001'")[0][0] >= 1
+    replies = dict(rows(db, "select cmd_id, ok from replies where node='env-0001'"))
+    assert replies == {"p-1": 1, "p-2": 0}, replies
+    # every payload the firmware built passed the fleet's schema validation
+    assert rows(db, "select topic, reason from invalid") == []
 
 
 def test_broker_restart_loses_no_telemetry_the_outbox_held(broker, fleet, tmp_path):
@@ -133,4 +148,5 @@ def test_broker_restart_loses_no_telemetry_the_outbox_held(broker, fleet, tmp_pa
     n_tel = rows(db, "select count(distinct seq) from telemetry where node='env-0001'")[0][0]
     assert n_tel == v.node.windows_sent
     assert rows(db, "select count(*) from gaps where node='env-0001'")[0][0] == 0
+    assert rows(db, "select topic, reason from invalid") == []
     assert rows(db, "select state from nodes where id='env-0001'")[0][0] == "offline"
