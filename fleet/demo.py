@@ -51,6 +51,7 @@ def demo_profile(board: str, window_s: int) -> dict:
     p["report"]["window_s"] = window_s
     p["report"]["health_s"] = window_s
     p["report"]["max_silence_s"] = window_s * 3
+    p["report"]["event_window_s"] = min(p["report"]["event_window_s"], window_s)
     return check_profile(p)
 
 

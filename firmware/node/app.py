@@ -13,12 +13,23 @@ from node.sampler import Sampler, Ticker
 from node.sensors import SensorError
 from node.uplink import Uplink
 
-# sensor kind -> (module, class, needs a blocking delay): imported only when
-# a board uses it
+# sensor kind -> (module, class, how it is built): imported only when a
+# board uses it. "bus": cls(bus[, address]); "delay": the same plus a
+# blocking delay function; "opts": cls(hardware, clock, options).
 DRIVERS = {
-    "bme280": ("node.sensors.bme280", "BME280", False),
-    "scd4x": ("node.sensors.scd4x", "SCD4x", True),
-    "pms5003": ("node.sensors.pms5003", "PMS5003", False),
+    "bme280": ("node.sensors.bme280", "BME280", "bus"),
+    "scd4x": ("node.sensors.scd4x", "SCD4x", "delay"),
+    "pms5003": ("node.sensors.pms5003", "PMS5003", "bus"),
+    "beam_pair": ("node.sensors.beams", "BeamPair", "opts"),
+    "ld2410": ("node.sensors.ld2410", "LD2410", "opts"),
+    "ble_counter": ("node.sensors.blecount", "BLECounter", "opts"),
+    "cp_pilot": ("node.sensors.ev", "CPPilot", "opts"),
+    "ct_clamp": ("node.sensors.ev", "CTClamp", "opts"),
+    "sdm_meter": ("node.sensors.sdm", "SDMMeter", "opts"),
+    "a02yyuw": ("node.sensors.river", "A02YYUW", "opts"),
+    "level_4_20ma": ("node.sensors.river", "Level420", "opts"),
+    "rain_gauge": ("node.sensors.rain", "RainGauge", "opts"),
+    "adxl345": ("node.sensors.seismic", "ADXL345", "opts"),
 }
 
 
@@ -28,16 +39,23 @@ def _gcd(a, b):
     return a
 
 
-def _make_driver(kind, bus, address, clock):
-    mod, cls, delay = DRIVERS[kind]
+def _make_driver(s, hw, clock):
+    mod, cls, how = DRIVERS[s["kind"]]
     c = getattr(__import__(mod, None, None, [cls]), cls)
-    args = [bus] if address is None else [bus, address]
-    return c(*args, delay_ms=clock.delay_ms) if delay else c(*args)
+    if how == "opts":
+        opts = dict(s.get("options") or {})
+        if "address" in s:
+            opts["address"] = s["address"]
+        return c(hw, clock, opts)
+    args = [hw] if "address" not in s else [hw, s["address"]]
+    return c(*args, delay_ms=clock.delay_ms) if how == "delay" else c(*args)
 
 
 class Node:
-    def __init__(self, hw, clock, profile, identity, root, connect, rssi=None, vbat_mv=None):
+    def __init__(self, hw, clock, profile, identity, root, connect, rssi=None, vbat_mv=None,
+                 ble=None):
         self.hw = hw
+        self.ble = ble  # bluetooth.BLE() on a board, a simulated radio on the host
         self.clock = clock
         self.profile = profile
         self.fw = VERSION
@@ -51,15 +69,24 @@ class Node:
         pairs = []
         buses = {}
         for s in profile["sensors"]:
-            drv = _make_driver(s["kind"], self._bus(s["bus"], buses), s.get("address"), clock)
+            drv = _make_driver(s, self._hardware(s, buses), clock)
             self.drivers.append(drv)
             pairs.append((drv, s["period_ms"]))
+        by_kind = dict((s["kind"], d) for s, d in zip(profile["sensors"], self.drivers))
+        if "cp_pilot" in by_kind and "sdm_meter" in by_kind:
+            by_kind["cp_pilot"].meter = by_kind["sdm_meter"]  # sessions need energy
+        self.event_drivers = [d for d in self.drivers if hasattr(d, "take_events")]
+        self.alert_drivers = [d for d in self.drivers if hasattr(d, "alert")]
+        self.summary_drivers = [d for d in self.drivers if hasattr(d, "summary")]
         base = 0
         for _, p in pairs:
             base = _gcd(base, p)
         self.base_ms = base
         rep = profile["report"]
         self.window_ticks = max(1, rep["window_s"] * 1000 // base)
+        self.event_ticks = max(1, rep["event_window_s"] * 1000 // base)
+        self.quiet_ticks = rep["quiet_s"] * 1000 // base
+        self.event_mode = False
         self.health_ticks = max(1, rep["health_s"] * 1000 // base)
         self.silence_windows = max(1, rep.get("max_silence_s", rep["window_s"]) // rep["window_s"])
         self.sampler = Sampler(pairs, base, deadbands=rep.get("deadband"))
@@ -72,6 +99,23 @@ class Node:
         self._up = None
         self.windows_silent = 0
         self.windows_sent = 0
+
+    def _hardware(self, s, buses):
+        # what the driver is handed: its bus, its pins, its ADC or the radio
+        hw = self.hw
+        if "bus" in s:
+            return self._bus(s["bus"], buses)
+        if "pins" in s:
+            return dict((n, hw.Pin(g, hw.Pin.IN, hw.Pin.PULL_UP)) for n, g in s["pins"].items())
+        if "pin" in s:
+            adc = hw.ADC(hw.Pin(s["pin"]))
+            if hasattr(adc, "atten") and hasattr(hw.ADC, "ATTN_11DB"):
+                adc.atten(hw.ADC.ATTN_11DB)  # full 0..3.1 V range
+            return adc
+        if self.ble is None:
+            import bluetooth
+            self.ble = bluetooth.BLE()
+        return self.ble
 
     def _bus(self, ref, buses):
         if ref in buses:
@@ -113,18 +157,51 @@ class Node:
             return {"queued": True}
         raise ValueError("unknown command")
 
-    def report_window(self):
-        agg, changed = self.sampler.close_window()
-        if not agg:
+    def report_window(self, ticks):
+        agg, changed = self.sampler.close_window(force=self.event_mode)
+        flags = {}
+        for d in self.summary_drivers:
+            extra = d.summary()
+            if extra:
+                agg.update(extra.get("ch") or {})
+                flags.update(extra.get("flags") or {})
+        if not agg and not flags:
             return
         self.windows_silent += 1
-        if changed or self.windows_silent >= self.silence_windows:
-            self.uplink.publish("telemetry", {
-                "window": {"s": self.profile["report"]["window_s"], "end_up_ms": self.uptime.ms()},
-                "ch": agg, "reason": "change" if changed else "heartbeat"})
+        if changed or flags or self.windows_silent >= self.silence_windows:
+            body = {"window": {"s": ticks * self.base_ms // 1000, "end_up_ms": self.uptime.ms()},
+                    "ch": agg,
+                    "reason": "event" if self.event_mode else "change" if changed else "heartbeat"}
+            if flags:
+                body["flags"] = flags
+            self.uplink.publish("telemetry", body)
             self.sampler.mark_reported(agg)
             self.windows_silent = 0
             self.windows_sent += 1
+
+    def publish_events(self):
+        for d in self.event_drivers:
+            evs = d.take_events()
+            if evs:
+                for name, severity, data in evs:
+                    self.uplink.publish("event", {"event": name, "severity": severity, "data": data})
+
+    def update_event_mode(self, quiet):
+        # event mode: while any alert is active, and quiet_ticks after the last
+        if any(d.alert for d in self.alert_drivers):
+            if not self.event_mode:
+                self.event_mode = True
+                self.uplink.publish("event", {"event": "node.event_mode", "severity": "info",
+                                              "data": {"active": True}})
+            return 0
+        if self.event_mode:
+            quiet += 1
+            if quiet >= self.quiet_ticks:
+                self.event_mode = False
+                self.uplink.publish("event", {"event": "node.event_mode", "severity": "info",
+                                              "data": {"active": False}})
+                return 0
+        return quiet
 
     def report_health(self):
         self.uplink.publish("health", health_body(self, self.ticker.stats() if self.ticker else
@@ -135,7 +212,9 @@ class Node:
         t = self.ticker = Ticker(clock, self.base_ms)
         wdt = self.hw.WDT(timeout=self.profile["wdt"]["timeout_ms"])
         limit = self.profile["wdt"]["timeout_ms"] // 2
-        n = 0
+        n = in_window = quiet = 0
+        events = self.event_drivers
+        alerts = self.alert_drivers
         while self.running:
             w = t.wait_ms()
             if w > 0:
@@ -143,8 +222,14 @@ class Node:
             lag = t.mark()
             self.sampler.step()
             n += 1
-            if n % self.window_ticks == 0:
-                self.report_window()
+            in_window += 1
+            if events:
+                self.publish_events()
+            if alerts:
+                quiet = self.update_event_mode(quiet)
+            if in_window >= (self.event_ticks if self.event_mode else self.window_ticks):
+                self.report_window(in_window)
+                in_window = 0
             if n % self.health_ticks == 0:
                 self.report_health()
             # fed only while the loop keeps time and the uplink task is alive

@@ -23,6 +23,7 @@ CHIPS = {
         "console": (1, 3),
         "strapping": (0, 2, 5, 12, 15),
         "input_only": (34, 35, 36, 37, 38, 39),
+        "adc1": (32, 33, 34, 35, 36, 37, 38, 39),
         "i2c": 2,
         "uart": 3,
     },
@@ -33,6 +34,7 @@ CHIPS = {
         "console": (19, 20, 43, 44),
         "strapping": (0, 3, 45, 46),
         "input_only": (),
+        "adc1": (1, 2, 4, 5, 6, 7, 8, 9, 10),
         "i2c": 2,
         "uart": 3,
     },
@@ -43,6 +45,7 @@ CHIPS = {
         "console": (18, 19, 20, 21),
         "strapping": (2, 8, 9),
         "input_only": (),
+        "adc1": (0, 1, 3, 4),
         "i2c": 1,
         "uart": 2,
     },
@@ -55,20 +58,67 @@ _PIN_RULES = (
     ("strapping", "is a strapping pin", " (it selects the boot mode at reset)"),
 )
 
-# Sensor kinds: the bus they sit on, their I2C addresses (the first is the
-# default), the UART speed they talk at, the default and shortest useful
-# period. A new kind is one entry here and one in CHANNELS.
+# Sensor kinds: what they sit on ("i2c", "uart", "pins": named GPIO inputs,
+# "adc": one ADC1 pin, "ble": the radio), their I2C addresses (the first is
+# the default), the UART speed they talk at, the default and shortest useful
+# period, and their options: name -> (type, low, high, default); default
+# None = required; type "choice" lists its values as low; type "stages" is
+# the four river stages. A new kind is one entry here and one in CHANNELS.
+_STAGES = ("standby", "caution", "evacuation", "danger")
+_RIVER = {"stages": ("stages", None, None, None), "hysteresis_m": ("num", 0, 5, 0.05)}
 KINDS = {
     "bme280": {"bus": "i2c", "addresses": (0x76, 0x77), "period_ms": 1000},
     "scd4x": {"bus": "i2c", "addresses": (0x62,), "period_ms": 5000, "min_period_ms": 5000},
     "pms5003": {"bus": "uart", "baud": 9600, "period_ms": 1000},
+    # people counting
+    "beam_pair": {"bus": "pins", "pins": ("a", "b"), "period_ms": 1000, "options": {
+        "debounce_ms": ("int", 1, 1000, 30), "max_cross_ms": ("int", 100, 10000, 1500),
+        "active_low": ("bool", None, None, True)}},
+    "ld2410": {"bus": "uart", "baud": 256000, "period_ms": 500},
+    "ble_counter": {"bus": "ble", "period_ms": 1000, "options": {
+        "k_min": ("int", 1, 100, 5), "rssi_min": ("int", -127, 0, -85),
+        "table": ("int", 16, 2048, 256)}},
+    # EV charger
+    "cp_pilot": {"bus": "adc", "period_ms": 1000, "options": {
+        "volts_per_count": ("num", 0.00001, 1, None), "zero_count": ("int", 0, 65535, 32768),
+        "burst_n": ("int", 20, 2000, 200)}},
+    "ct_clamp": {"bus": "adc", "period_ms": 1000, "options": {
+        "amps_per_count": ("num", 0.000001, 10, None), "burst_hz": ("int", 2000, 20000, 4000),
+        "cycles": ("int", 1, 50, 10), "mains_hz": ("int", 50, 60, 50)}},
+    "sdm_meter": {"bus": "uart", "period_ms": 5000, "options": {
+        "model": ("choice", ("sdm120", "sdm630"), None, "sdm120"),
+        "address": ("int", 1, 247, 1), "timeout_ms": ("int", 20, 2000, 200)}},
+    # disaster level
+    "a02yyuw": {"bus": "uart", "baud": 9600, "period_ms": 1000,
+                "options": dict(_RIVER, mount_m=("num", 0, 100, None))},
+    "level_4_20ma": {"bus": "adc", "period_ms": 1000, "options": dict(
+        _RIVER, shunt_ohm=("num", 1, 1000, 150), range_m=("num", 0.1, 200, None),
+        datum_m=("num", -1000, 10000, 0))},
+    "rain_gauge": {"bus": "pins", "pins": ("tip",), "period_ms": 1000, "options": {
+        "mm_per_tip": ("num", 0.01, 10, 0.5), "debounce_ms": ("int", 1, 1000, 100),
+        "alert_mm_h": ("num", 1, 500, 50)}},
+    "adxl345": {"bus": "i2c", "addresses": (0x53, 0x1D), "period_ms": 250, "options": {
+        "window_s": ("int", 10, 120, 60), "trigger_gal": ("num", 0.5, 2000, 8),
+        "event_intensity": ("num", 0, 7, 3.5)}},
 }
 
-# Channels each kind reports, in the order its driver fills them.
+# Channels each kind reports per sample, in the order its driver fills them
+# (kinds with a window summary add theirs: ble_devices, rain_10min_mm,
+# rain_1h_mm, intensity, pga_gal).
 CHANNELS = {
     "bme280": ("temp_c", "rh_pct", "pressure_hpa"),
     "scd4x": ("co2_ppm", "temp_c", "rh_pct"),
     "pms5003": ("pm1_ugm3", "pm25_ugm3", "pm10_ugm3"),
+    "beam_pair": ("people_in", "people_out", "occupancy"),
+    "ld2410": ("presence", "moving_cm", "static_cm"),
+    "ble_counter": (),
+    "cp_pilot": ("cp_state", "offered_a"),
+    "ct_clamp": ("current_a",),
+    "sdm_meter": ("voltage_v", "current_a", "power_w", "energy_kwh"),
+    "a02yyuw": ("level_m", "distance_mm"),
+    "level_4_20ma": ("level_m",),
+    "rain_gauge": ("rain_mm",),
+    "adxl345": (),
 }
 
 # Keys each table may hold; anything else is refused (a typo must not pass).
@@ -77,9 +127,13 @@ KEYS = {
                 "report", "mqtt", "outbox", "wdt"),
     "i2c": ("id", "sda", "scl", "freq_hz"),
     "uart": ("id", "tx", "rx", "baud"),
-    "sensor": ("kind", "name", "bus", "period_ms"),
-    "sensor.i2c": ("address",),
-    "report": ("window_s", "health_s", "max_silence_s", "deadband"),
+    "sensor": ("kind", "name", "period_ms", "options"),
+    "sensor.i2c": ("bus", "address"),
+    "sensor.uart": ("bus",),
+    "sensor.pins": ("pins",),
+    "sensor.adc": ("pin",),
+    "sensor.ble": (),
+    "report": ("window_s", "health_s", "max_silence_s", "deadband", "event_window_s", "quiet_s"),
     "mqtt": ("keepalive_s",),
     "outbox": ("limit_bytes",),
     "wdt": ("timeout_ms",),
@@ -234,8 +288,8 @@ def _buses(d, kind, c, chip, used):
     return out
 
 
-def _sensor(s, p, buses, taken):
-    # one [[sensors]] entry; taken records names, I2C addresses and UARTs in use
+def _sensor(s, p, buses, taken, c, chip, used):
+    # one [[sensors]] entry; taken records names, I2C addresses, UARTs and the radio
     if not isinstance(s, dict):
         _fail(p[:-1], "must be a table, not " + _type_name(s))
     kind = _get(s, "kind", p, "str")
@@ -243,20 +297,15 @@ def _sensor(s, p, buses, taken):
     if k is None:
         _fail(p + "kind", "unknown sensor kind %r (known: %s)" % (kind, ", ".join(sorted(KINDS))))
     bus_type = k["bus"]
-    _keys(s, KEYS["sensor"] + KEYS.get("sensor." + bus_type, ()), p)
-    name = _name(s, "name", p, kind)
+    _keys(s, KEYS["sensor"] + KEYS["sensor." + bus_type], p)
+    name = _name(s, "name", p, kind.replace("_", "-"))
     if ("name", name) in taken:
         _fail(p + "name", "%r is already used by %s; give each sensor its own name"
               % (name, taken[("name", name)]))
     taken[("name", name)] = p[:-1]
-    bus = _get(s, "bus", p, "str")
-    bt, bn = (bus.split(".", 1) + [""])[:2]
-    if bn not in buses.get(bt, ()):
-        defined = [t + "." + n for t in sorted(buses) for n in sorted(buses[t])]
-        _fail(p + "bus", "no bus %r is defined (buses: %s)" % (bus, ", ".join(defined) or "none"))
-    if bt != bus_type:
-        _fail(p + "bus", "%s needs a bus from [%s], not %s" % (kind, bus_type, bus))
-    out = {"kind": kind, "name": name, "bus": bus}
+    out = {"kind": kind, "name": name}
+    if bus_type in ("i2c", "uart"):
+        out["bus"] = bus = _bus_ref(s, p, kind, bus_type, buses)
     if bus_type == "i2c":
         a = _get(s, "address", p, "int", k["addresses"][0])
         if a < 0 or a > 0x7F:
@@ -268,17 +317,85 @@ def _sensor(s, p, buses, taken):
             _fail(p + "address", "%s on %s is already used by %s" % (_hex(a), bus, taken[(bus, a)]))
         taken[(bus, a)] = p[:-1]
         out["address"] = a
-    else:
+    elif bus_type == "uart":
         if bus in taken:
             _fail(p + "bus", "%s is already used by %s (one sensor per UART)" % (bus, taken[bus]))
         taken[bus] = p[:-1]
+        bt, bn = bus.split(".", 1)
         baud = buses[bt][bn]["baud"]
         if "baud" in k and k["baud"] != baud:
             _fail(p + "bus", "%s talks at %d baud, %s is set to %d" % (kind, k["baud"], bus, baud))
+    elif bus_type == "pins":
+        t = _get(s, "pins", p, "table")
+        _keys(t, k["pins"], p + "pins.")
+        out["pins"] = dict((n, _pin(c, chip, t, n, p + "pins.", used, False)) for n in k["pins"])
+    elif bus_type == "adc":
+        g = _pin(c, chip, s, "pin", p, used, False)
+        if g not in c["adc1"]:
+            _fail(p + "pin", "GPIO %d is not an ADC1 pin on %s (ADC2 cannot be read while "
+                  "Wi-Fi is on; ADC1: %s)" % (g, chip, ", ".join([str(x) for x in c["adc1"]])))
+        out["pin"] = g
+    else:  # ble: one radio per board
+        if "ble" in taken:
+            _fail(p + "kind", "the radio is already used by %s" % taken["ble"])
+        taken["ble"] = p[:-1]
     period = _int(s, "period_ms", p, 10, 3600000, k["period_ms"], " ms")
     if period < k.get("min_period_ms", 10):
         _fail(p + "period_ms", "%s gives a new reading only every %d ms" % (kind, k["min_period_ms"]))
     out["period_ms"] = period
+    spec = k.get("options")
+    if spec:
+        out["options"] = _options(_get(s, "options", p, "table", {}), spec, p + "options.")
+    elif "options" in s:
+        _fail(p + "options", "%s takes no options" % kind)
+    return out
+
+
+def _bus_ref(s, p, kind, bus_type, buses):
+    bus = _get(s, "bus", p, "str")
+    bt, bn = (bus.split(".", 1) + [""])[:2]
+    if bn not in buses.get(bt, ()):
+        defined = [t + "." + n for t in sorted(buses) for n in sorted(buses[t])]
+        _fail(p + "bus", "no bus %r is defined (buses: %s)" % (bus, ", ".join(defined) or "none"))
+    if bt != bus_type:
+        _fail(p + "bus", "%s needs a bus from [%s], not %s" % (kind, bus_type, bus))
+    return bus
+
+
+def _options(t, spec, p):
+    _keys(t, sorted(spec), p)
+    out = {}
+    for key in sorted(spec):
+        want, lo, hi, default = spec[key]
+        if want == "stages":
+            out[key] = _stages(_get(t, key, p, "table"), p + key + ".")
+            continue
+        if want == "choice":
+            v = _get(t, key, p, "str", default)
+            if v not in lo:
+                _fail(p + key, "%r is not one of: %s" % (v, ", ".join(lo)))
+        elif want == "bool":
+            v = _get(t, key, p, "bool", default)
+        else:
+            v = _get(t, key, p, want, default)
+            if v < lo or v > hi:
+                _fail(p + key, "%s is out of range %s..%s" % (v, lo, hi))
+            if want == "num":
+                v = float(v)
+        out[key] = v
+    return out
+
+
+def _stages(t, p):
+    # the four river stages, in metres above the datum, strictly rising
+    _keys(t, _STAGES, p)
+    out, prev = {}, None
+    for name in _STAGES:
+        v = float(_get(t, name, p, "num"))
+        if prev is not None and v <= prev[1]:
+            _fail(p + name, "%s m must be above %s (%s m)" % (v, prev[0], prev[1]))
+        out[name] = v
+        prev = (name, v)
     return out
 
 
@@ -314,7 +431,10 @@ def _report(d, sensors):
         if v < 0:
             _fail(p + "deadband." + ch, "must not be negative")
         deadband[ch] = v
-    return {"window_s": window, "health_s": health, "max_silence_s": silence, "deadband": deadband}
+    ev = _int(r, "event_window_s", p, 1, window, min(10, window), " s")
+    quiet = _int(r, "quiet_s", p, 0, 86400, 600, " s")
+    return {"window_s": window, "health_s": health, "max_silence_s": silence, "deadband": deadband,
+            "event_window_s": ev, "quiet_s": quiet}
 
 
 def check_profile(d):
@@ -339,7 +459,8 @@ def check_profile(d):
     if not listed:
         _fail("sensors", "at least one sensor is required")
     taken = {}
-    sensors = [_sensor(s, "sensors[%d]." % i, buses, taken) for i, s in enumerate(listed)]
+    sensors = [_sensor(s, "sensors[%d]." % i, buses, taken, c, chip, used)
+               for i, s in enumerate(listed)]
     out["sensors"] = sensors
     out["report"] = _report(d, sensors)
     out["mqtt"] = {"keepalive_s": _int(_table(d, "mqtt", ""), "keepalive_s", "mqtt.",

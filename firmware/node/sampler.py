@@ -88,11 +88,13 @@ class Sampler:
 
     def __init__(self, sensors, base_ms, ring_size=64, deadbands=None):
         drivers = [d for d, _ in sensors]
-        names, scales, owner = [], [], []
+        names, scales, owner, counter = [], [], [], []
         offsets, ends = [], []
         for d in drivers:
             offsets.append(len(names))
+            counts = getattr(d, "COUNTERS", ())
             for j, name in enumerate(d.CHANNELS):
+                counter.append(j < len(counts) and counts[j])
                 if name in names:  # e.g. the SCD4x's temp_c after a BME280's
                     base = d.KIND + "_" + name
                     name, i = base, 2
@@ -108,6 +110,7 @@ class Sampler:
         self.names = names
         self.scales = scales
         self.owner = owner
+        self.counter = counter  # channels whose window "sum" is reported too
         self.base_ms = base_ms
         self.ring_size = ring_size
         # counts[0]: samples taken, counts[1]: failed reads
@@ -227,8 +230,10 @@ class Sampler:
                 continue
             sc = self.scales[k]
             mean_fx = self.sm[k] // n
-            out[self.names[k]] = {"n": n, "min": self.mn[k] / sc, "max": self.mx[k] / sc,
-                                  "mean": round(self.sm[k] / n / sc, 4), "last": self.last(k) / sc}
+            a = out[self.names[k]] = {"n": n, "min": self.mn[k] / sc, "max": self.mx[k] / sc,
+                                      "mean": round(self.sm[k] / n / sc, 4), "last": self.last(k) / sc}
+            if self.counter[k]:
+                a["sum"] = self.sm[k] / sc
             if not self.has_reported[k] or self.band[k] == 0 \
                     or abs(mean_fx - self.reported[k]) > self.band[k]:
                 changed = True

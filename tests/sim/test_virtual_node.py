@@ -28,7 +28,7 @@ def fast_profile() -> dict:
     p["sensors"] = [s for s in p["sensors"] if s["kind"] != "scd4x"]
     for s in p["sensors"]:
         s["period_ms"] = {"bme280": 200, "pms5003": 1000}[s["kind"]]
-    p["report"].update(window_s=1, health_s=2, max_silence_s=1)
+    p["report"].update(window_s=1, health_s=2, max_silence_s=1, event_window_s=1)
     p["report"]["deadband"].pop("co2_ppm", None)
     return check_profile(p)
 

@@ -156,7 +156,48 @@ BAD = [
     ("schema-2", _set(["schema"], 2), "schema", "reads schema 1, not 2"),
     ("keepalive", _set(["mqtt", "keepalive_s"], 0), "mqtt.keepalive_s", "out of range 10..3600 s"),
     ("outbox-tiny", _set(["outbox", "limit_bytes"], 100), "outbox.limit_bytes", "out of range"),
+    # the other sensor families: pins, ADC pins, the radio, options
+    ("pins-strapping", _add_sensor(kind="beam_pair", pins={"a": 4, "b": 0}), "sensors[3].pins.b",
+     "GPIO 0 is a strapping pin"),
+    ("pins-missing", _add_sensor(kind="beam_pair", pins={"a": 4}), "sensors[3].pins.b", "missing (required)"),
+    ("pins-unknown", _add_sensor(kind="rain_gauge", pins={"tip": 4, "bucket": 5}), "sensors[3].pins.bucket",
+     "unknown key"),
+    ("pin-used-twice", _add_sensor(kind="rain_gauge", pins={"tip": 8}), "sensors[3].pins.tip",
+     "GPIO 8 is already used by i2c.main.sda"),
+    ("adc2-pin", _add_sensor(kind="ct_clamp", pin=11, options={"amps_per_count": 0.01}), "sensors[3].pin",
+     "GPIO 11 is not an ADC1 pin on esp32s3 (ADC2 cannot be read while Wi-Fi is on"),
+    ("option-required", _add_sensor(kind="ct_clamp", pin=4), "sensors[3].options.amps_per_count",
+     "missing (required)"),
+    ("option-range", _add_sensor(kind="ct_clamp", pin=4, options={"amps_per_count": 0.01, "burst_hz": 1000}),
+     "sensors[3].options.burst_hz", "out of range 2000..20000"),
+    ("option-unknown", _add_sensor(kind="beam_pair", pins={"a": 4, "b": 5}, options={"debounse_ms": 3}),
+     "sensors[3].options.debounse_ms", "unknown key"),
+    ("option-choice", _add_sensor(kind="sdm_meter", bus="uart.pm", options={"model": "sdm220"}),
+     "sensors[3].bus", "uart.pm is already used"),
+    ("no-options", _set(["sensors", 0, "options"], {"x": 1}), "sensors[0].options", "bme280 takes no options"),
+    ("two-radios", lambda d: d["sensors"].extend([{"kind": "ble_counter"}, {"kind": "ble_counter", "name": "b2"}]),
+     "sensors[4].kind", "the radio is already used by sensors[3]"),
+    ("stages-not-rising", _add_sensor(kind="level_4_20ma", pin=4, options={
+        "range_m": 10, "stages": {"standby": 2.0, "caution": 3.0, "evacuation": 2.5, "danger": 4.0}}),
+     "sensors[3].options.stages.evacuation", "2.5 m must be above caution (3.0 m)"),
+    ("stages-missing", _add_sensor(kind="level_4_20ma", pin=4, options={
+        "range_m": 10, "stages": {"standby": 2.0, "caution": 3.0, "evacuation": 3.5}}),
+     "sensors[3].options.stages.danger", "missing (required)"),
+    ("event-window-too-long", _set(["report", "event_window_s"], 120), "report.event_window_s",
+     "out of range 1..60 s"),
 ]
+
+
+def test_sdm_model_must_be_a_known_meter():
+    d = copy.deepcopy(BASE)
+    d["uart"]["rs485"] = {"id": 2, "tx": 40, "rx": 41, "baud": 9600}
+    d["sensors"].append({"kind": "sdm_meter", "bus": "uart.rs485", "options": {"model": "sdm220"}})
+    with pytest.raises(ConfigError) as info:
+        check_profile(d)
+    assert str(info.value) == "sensors[3].options.model: 'sdm220' is not one of: sdm120, sdm630"
+    d["sensors"][-1]["options"]["model"] = "sdm630"
+    out = check_profile(d)["sensors"][-1]
+    assert out["options"] == {"model": "sdm630", "address": 1, "timeout_ms": 200}
 
 
 @pytest.mark.parametrize("mutate,field,reason", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
