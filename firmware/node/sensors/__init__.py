@@ -12,3 +12,29 @@ FAILED = "failed"  # permanent (wrong part, bad calibration): begin() again to r
 
 class SensorError(Exception):
     """begin() could not set the part up; the message says why."""
+
+
+class Sensor:
+    """What every driver shares: the error count, the status, and the two
+    ways a reading goes wrong. `where` names the part in messages
+    ("bme280 at 0x76")."""
+
+    errors = 0
+    status = WARNING  # not set up yet
+    _ready = False
+
+    def _fail(self, reason):
+        # permanent: begin() could not set the part up
+        self._ready = False
+        self.status = FAILED
+        raise SensorError("%s: %s" % (self.where(), reason))
+
+    def _warn(self):
+        # transient: counted, retried at the next reading; never a made-up value
+        self.errors += 1
+        self.status = WARNING
+        return False
+
+    def where(self):
+        a = getattr(self, "address", None)
+        return self.KIND if a is None else "%s at 0x%02x" % (self.KIND, a)

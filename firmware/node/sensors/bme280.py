@@ -9,7 +9,7 @@ The part runs in normal mode (x1 oversampling, 1 s standby); a read is one
 """
 import struct
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import Sensor, OK
 
 _CHIP_ID = const(0x60)
 _REG_CALIB_TP = const(0x88)  # 26 bytes: dig_T1..dig_P9, dig_H1 at 0xA1
@@ -40,7 +40,7 @@ def _s8(v):
     return v - 256 if v > 127 else v
 
 
-class BME280:
+class BME280(Sensor):
     KIND = "bme280"
     CHANNELS = ("temp_c", "rh_pct", "pressure_hpa")
     SCALES = (100, 100, 100)  # centi-degC, centi-%RH, Pa
@@ -52,13 +52,6 @@ class BME280:
         self._b1 = bytearray(1)
         self._ready = False
         self._tf = 0
-        self.errors = 0
-        self.status = WARNING  # not set up yet
-
-    def _fail(self, reason):
-        self._ready = False
-        self.status = FAILED
-        raise SensorError("bme280 at 0x%02x: %s" % (self.address, reason))
 
     def _reg(self, reg):
         self._i2c.readfrom_mem_into(self.address, reg, self._b1)
@@ -105,11 +98,6 @@ class BME280:
             self._fail("no answer (OSError %s)" % e.args[0])
         self._ready = True
         self.status = OK
-
-    def _warn(self):
-        self.errors += 1
-        self.status = WARNING
-        return False
 
     def read_into(self, out, offset):
         """Fill out[offset:offset+3] with temp, RH, pressure; False on no data or a fault."""

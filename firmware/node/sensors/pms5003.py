@@ -8,14 +8,14 @@ also in ``errors``) and bytes skipped while hunting for a header
 No allocation per read: one chunk buffer and one frame buffer.
 """
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import Sensor, OK, WARNING
 
 _LEN = const(32)
 _CHUNK = const(64)
 _MAX_CHUNKS = const(8)  # per read_into: 512 bytes, twice the default RX FIFO
 
 
-class PMS5003:
+class PMS5003(Sensor):
     KIND = "pms5003"
     CHANNELS = ("pm1_ugm3", "pm25_ugm3", "pm10_ugm3")
     SCALES = (1, 1, 1)
@@ -31,8 +31,6 @@ class PMS5003:
         self.frames = 0
         self.bad_frames = 0
         self.skipped = 0
-        self.errors = 0
-        self.status = WARNING  # not set up yet
 
     def begin(self):
         """Drop whatever is queued (a frame cut by power-up); frames then arrive by themselves."""
@@ -41,9 +39,7 @@ class PMS5003:
                 if not self._uart.readinto(self._chunk):
                     break
         except OSError as e:
-            self._ready = False
-            self.status = FAILED
-            raise SensorError("pms5003: UART error (OSError %s)" % e.args[0])
+            self._fail("UART error (OSError %s)" % e.args[0])
         self._n = 0
         self._fresh = False
         self._ready = True

@@ -7,7 +7,7 @@ answer and 500 ms after stop_periodic_measurement: pass ``delay_ms`` (e.g.
 Outputs: ppm, centi-degC, centi-%RH.
 """
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import Sensor, OK
 
 _START = b"\x21\xb1"
 _READ = b"\xec\x05"
@@ -27,7 +27,7 @@ def _crc8(buf, i):
     return crc
 
 
-class SCD4x:
+class SCD4x(Sensor):
     KIND = "scd4x"
     CHANNELS = ("co2_ppm", "temp_c", "rh_pct")
     SCALES = (1, 100, 100)
@@ -40,18 +40,11 @@ class SCD4x:
         self._b9 = bytearray(9)
         self._ready = False
         self.serial = None
-        self.errors = 0
-        self.status = WARNING  # not set up yet
 
     def _cmd(self, cmd, wait_ms):
         self._i2c.writeto(self.address, cmd)
         if self._delay is not None and wait_ms:
             self._delay(wait_ms)
-
-    def _fail(self, reason):
-        self._ready = False
-        self.status = FAILED
-        raise SensorError("scd4x at 0x%02x: %s" % (self.address, reason))
 
     def _crc_ok(self, buf):
         for i in range(0, len(buf), 3):
@@ -78,11 +71,6 @@ class SCD4x:
             self._fail("start refused (OSError %s)" % e.args[0])
         self._ready = True
         self.status = OK
-
-    def _warn(self):
-        self.errors += 1
-        self.status = WARNING
-        return False
 
     def read_into(self, out, offset):
         """Fill out[offset:offset+3] with CO2, temp, RH when a new measurement is
