@@ -92,13 +92,14 @@ KINDS = {
     "a02yyuw": {"bus": "uart", "baud": 9600, "period_ms": 1000,
                 "options": dict(_RIVER, mount_m=("num", 0, 100, None))},
     "level_4_20ma": {"bus": "adc", "period_ms": 1000, "options": dict(
-        _RIVER, shunt_ohm=("num", 1, 1000, 150), range_m=("num", 0.1, 200, None),
+        _RIVER, shunt_ohm=("num", 10, 500, 100), range_m=("num", 0.1, 200, None),
+        oversample=("int", 1, 64, 8),
         datum_m=("num", -1000, 10000, 0))},
     "rain_gauge": {"bus": "pins", "pins": ("tip",), "period_ms": 1000, "options": {
         "mm_per_tip": ("num", 0.01, 10, 0.5), "debounce_ms": ("int", 1, 1000, 100),
         "alert_mm_h": ("num", 1, 500, 50)}},
     "adxl345": {"bus": "i2c", "addresses": (0x53, 0x1D), "period_ms": 250, "options": {
-        "window_s": ("int", 10, 120, 60), "trigger_gal": ("num", 0.5, 2000, 8),
+        "window_s": ("int", 10, 120, 60), "trigger_gal": ("num", 0.5, 2000, 20),
         "event_intensity": ("num", 0, 7, 3.5)}},
 }
 

@@ -1,0 +1,655 @@
+"""Earthquakes: JMA instrumental seismic intensity (計測震度), PGA, and the
+ADXL345 accelerometer read from its FIFO at 100 Hz.
+
+The JMA method (気象庁, 計測震度の算出方法): Fourier transform of each
+component, the JMA filter (period effect sqrt(1/f), high cut
+(1 + 0.694x^2 + 0.241x^4 + 0.0557x^6 + 0.009664x^8 + 0.00134x^10
++ 0.000155x^12)^-1/2 with x = f/10 Hz, low cut sqrt(1 - exp(-(f/0.5)^3))),
+inverse transform, vector sum of the three filtered components, the value a
+such that |vector| >= a for 0.3 s in total (at 100 Hz: the 30th largest
+sample), I = 2 log10(a) + 0.94. Conventions here: each component's mean is
+removed and the record zero-padded to a power of two before the transform
+(without the mean removal the padding would turn gravity into a step); the
+returned I is unrounded. JMA publishes I rounded to two decimals and then
+cut to one (jma_published), and the scale (震度階級) from that (jma_scale).
+
+Memory: the transform needs two float32 arrays of the padded length (2 x 32
+KB for 60 s at 100 Hz): x and y go through one complex FFT (the filter is
+real and even, so the real part comes back as filtered x and the imaginary
+part as filtered y), z through a half-length complex FFT of its even and odd
+samples. Allocation is fine here (floats, once per window); the per-sample
+path of the driver is ints in preallocated arrays.
+"""
+import math
+from array import array
+from micropython import const
+from node.sensors import SensorError, OK, WARNING, FAILED
+
+_G_GAL = 980.665
+SCALES_JMA = ("0", "1", "2", "3", "4", "5-", "5+", "6-", "6+", "7")
+_SCALE_BOUNDS = (0.5, 1.5, 2.5, 3.5, 4.5, 5.0, 5.5, 6.0, 6.5)
+
+
+def jma_gain(f):
+    """The JMA filter's gain at f Hz (0 at f <= 0)."""
+    if f <= 0:
+        return 0.0
+    x = f * 0.1
+    x2 = x * x
+    hc = 1.0 + x2 * (0.694 + x2 * (0.241 + x2 * (0.0557 + x2 * (0.009664 + x2 * (0.00134 + x2 * 0.000155)))))
+    y = f * 2.0
+    return math.sqrt((1.0 - math.exp(-y * y * y)) / (f * hc))
+
+
+def jma_published(i):
+    """I as JMA publishes it: rounded at the 3rd decimal, then cut to one decimal."""
+    if i != i or i in (math.inf, -math.inf):
+        return i
+    c = math.floor(i * 100 + 0.5)  # hundredths
+    return math.floor(c / 10 + 1e-9) / 10
+
+
+def jma_scale(i):
+    """震度階級 of an intensity: "0".."4", "5-", "5+", "6-", "6+", "7"
+    (from the published value, as JMA does)."""
+    p = jma_published(i)
+    k = 0
+    for b in _SCALE_BOUNDS:
+        if p < b - 1e-6:
+            break
+        k += 1
+    return SCALES_JMA[k]
+
+
+def scale_index(i):
+    return SCALES_JMA.index(jma_scale(i))
+
+
+def pga(ax, ay, az):
+    """Peak of the vector acceleration (same unit as the input, e.g. gal).
+    Remove gravity and offsets before calling."""
+    m = 0.0
+    for i in range(len(ax)):
+        v = ax[i] * ax[i] + ay[i] * ay[i] + az[i] * az[i]
+        if v > m:
+            m = v
+    return math.sqrt(m)
+
+
+def _fft(re, im, n, sign, poll):
+    # in place, radix 2, unnormalised; n a power of two; sign -1 forward, +1 inverse
+    j = 0
+    for i in range(1, n - 1):
+        bit = n >> 1
+        while j & bit:
+            j ^= bit
+            bit >>= 1
+        j |= bit
+        if i < j:
+            t = re[i]
+            re[i] = re[j]
+            re[j] = t
+            t = im[i]
+            im[i] = im[j]
+            im[j] = t
+    for i in range(0, n, 2):  # size 2: twiddle 1
+        a = re[i]
+        b = re[i + 1]
+        re[i] = a + b
+        re[i + 1] = a - b
+        a = im[i]
+        b = im[i + 1]
+        im[i] = a + b
+        im[i + 1] = a - b
+    size = 4
+    cos = math.cos
+    sin = math.sin
+    while size <= n:
+        half = size >> 1
+        step = sign * 2 * math.pi / size
+        for k in range(half):
+            wr = cos(step * k)
+            wi = sin(step * k)
+            for i in range(k, n, size):
+                j = i + half
+                xr = re[j]
+                xi = im[j]
+                tr = wr * xr - wi * xi
+                ti = wr * xi + wi * xr
+                ur = re[i]
+                ui = im[i]
+                re[j] = ur - tr
+                im[j] = ui - ti
+                re[i] = ur + tr
+                im[i] = ui + ti
+        if poll is not None:
+            poll()
+        size <<= 1
+
+
+def _pow2(n):
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+class JMA:
+    """The intensity computation with its scratch allocated once, for records
+    of up to n_max samples. ``intensity`` reads the three components from
+    sequences (or ring buffers: start, ring length) and scales them by
+    ``scale`` (e.g. gal per LSB); ``poll`` is called between stages so a
+    driver can drain its FIFO during a long computation."""
+
+    def __init__(self, n_max):
+        self.size = _pow2(max(n_max, 2))
+        self._re = array("f", bytes(4 * self.size))
+        self._im = array("f", bytes(4 * self.size))
+
+    def intensity(self, ax, ay, az, n, rate_hz=100, start=0, ring=0, scale=1.0, poll=None):
+        """The unrounded JMA intensity of samples [start, start + n) (modulo
+        ring, when given); -inf for a record shorter than 0.3 s or all still."""
+        k30 = int(0.3 * rate_hz + 0.5)
+        if n < max(k30, 2) or n > self.size:
+            if n > self.size:
+                raise ValueError("record longer than the JMA scratch")
+            return -math.inf
+        ring = ring or (start + n)
+        big = _pow2(n)
+        re = self._re
+        im = self._im
+        df = rate_hz / big
+        # x + iy through one complex FFT
+        mx = self._mean(ax, n, start, ring)
+        my = self._mean(ay, n, start, ring)
+        p = start
+        for i in range(n):
+            re[i] = (ax[p] - mx) * scale
+            im[i] = (ay[p] - my) * scale
+            p += 1
+            if p == ring:
+                p = 0
+        for i in range(n, big):
+            re[i] = 0.0
+            im[i] = 0.0
+        _fft(re, im, big, -1, poll)
+        re[0] = im[0] = 0.0
+        half = big >> 1
+        for k in range(1, half + 1):
+            g = jma_gain(k * df) / big
+            re[k] *= g
+            im[k] *= g
+            if k != half:
+                re[big - k] *= g
+                im[big - k] *= g
+        if poll is not None:
+            poll()
+        _fft(re, im, big, 1, poll)
+        for i in range(n):
+            re[i] = re[i] * re[i] + im[i] * im[i]
+        # z: its even and odd samples as one complex sequence of half the length
+        mz = self._mean(az, n, start, ring)
+        buf = memoryview(im)
+        cr = buf[0:half]
+        ci = buf[half:big]
+        p = start
+        for m in range(half):
+            i = m + m
+            if i < n:
+                cr[m] = (az[p] - mz) * scale
+                p += 1
+                if p == ring:
+                    p = 0
+            else:
+                cr[m] = 0.0
+            if i + 1 < n:
+                ci[m] = (az[p] - mz) * scale
+                p += 1
+                if p == ring:
+                    p = 0
+            else:
+                ci[m] = 0.0
+        _fft(cr, ci, half, -1, poll)
+        self._filter_packed(cr, ci, half, df)
+        if poll is not None:
+            poll()
+        _fft(cr, ci, half, 1, poll)
+        for m in range(half):
+            i = m + m
+            if i < n:
+                re[i] += cr[m] * cr[m]
+            if i + 1 < n:
+                re[i + 1] += ci[m] * ci[m]
+        a2 = self._kth_largest(re, n, k30)
+        if a2 <= 0:
+            return -math.inf
+        return math.log10(a2) + 0.94  # 2 log10(a) with a^2 at hand
+
+    @staticmethod
+    def _mean(a, n, start, ring):
+        s = 0
+        p = start
+        for _ in range(n):
+            s += a[p]
+            p += 1
+            if p == ring:
+                p = 0
+        return s / n
+
+    @staticmethod
+    def _filter_packed(cr, ci, m, df):
+        # C = FFT_m(z[2j] + i z[2j+1]). For each pair (k, m-k): split into the
+        # spectra of the even and odd samples, form Z[k] and Z[k+m] of the
+        # length-2m transform, apply the gain, and pack back, so that the
+        # inverse FFT_m gives the filtered even/odd samples (1/m folded in).
+        pi_m = math.pi / m
+        for k in range(m // 2 + 1):
+            k2 = m - k if k else 0
+            ar = cr[k]
+            ai = ci[k]
+            br = cr[k2]
+            bi = -ci[k2]  # conj(C[m-k])
+            er = (ar + br) * 0.5  # even-sample spectrum E[k]
+            ei = (ai + bi) * 0.5
+            orr = (ai - bi) * 0.5  # odd-sample spectrum O[k] = (A - B) / 2i
+            oi = -(ar - br) * 0.5
+            c = math.cos(pi_m * k)
+            s = -math.sin(pi_m * k)  # W^k = exp(-i pi k / m)
+            pr = c * orr - s * oi
+            pim = c * oi + s * orr
+            g1 = jma_gain(k * df) / m
+            g2 = jma_gain((m - k) * df) / m  # bin k+m is the frequency -(m-k)
+            y1r = g1 * (er + pr)
+            y1i = g1 * (ei + pim)
+            y2r = g2 * (er - pr)
+            y2i = g2 * (ei - pim)
+            er = (y1r + y2r) * 0.5
+            ei = (y1i + y2i) * 0.5
+            dr = (y1r - y2r) * 0.5
+            di = (y1i - y2i) * 0.5
+            orr = c * dr + s * di  # times conj(W^k)
+            oi = c * di - s * dr
+            cr[k] = er - oi  # E' + i O'
+            ci[k] = ei + orr
+            if k and k2 != k:
+                cr[k2] = er + oi  # conj(E') + i conj(O')
+                ci[k2] = orr - ei
+
+    @staticmethod
+    def _kth_largest(v, n, k):
+        top = array("f", bytes(4 * k))
+        filled = 0
+        for i in range(n):
+            x = v[i]
+            if filled < k:
+                j = filled
+                filled += 1
+            elif x > top[k - 1]:
+                j = k - 1
+            else:
+                continue
+            while j > 0 and top[j - 1] < x:
+                top[j] = top[j - 1]
+                j -= 1
+            top[j] = x
+        return top[k - 1]
+
+
+def jma_intensity(ax, ay, az, rate_hz=100):
+    """JMA instrumental seismic intensity of three acceleration records in gal
+    (unrounded; see jma_published and jma_scale)."""
+    n = len(ax)
+    if len(ay) != n or len(az) != n:
+        raise ValueError("components differ in length")
+    return JMA(n).intensity(ax, ay, az, n, rate_hz)
+
+
+# -- ADXL345 (Analog Devices), I2C, FIFO in stream mode ---------------------
+_ADDRESS = const(0x53)  # SDO low; 0x1D with SDO high
+_REG_DEVID = const(0x00)
+_REG_BW_RATE = const(0x2C)
+_REG_POWER_CTL = const(0x2D)
+_REG_DATA_FORMAT = const(0x31)
+_REG_DATAX0 = const(0x32)  # X0 X1 Y0 Y1 Z0 Z1, little-endian two's complement
+_REG_FIFO_CTL = const(0x38)
+_REG_FIFO_STATUS = const(0x39)
+_DEVID = const(0xE5)
+_RATE_100HZ = const(0x0A)
+# FULL_RES with the +-16 g range: the same 3.9 mg/LSB as +-2 g full
+# resolution, but gravity plus strong shaking does not clip at 2 g
+_FULL_RES_16G = const(0x0B)
+_MEASURE = const(0x08)
+_FIFO_BYPASS = const(0x00)  # also clears the FIFO
+_FIFO_STREAM = const(0x90)  # stream mode, watermark 16
+_FIFO_DEPTH = const(32)
+_RATE = const(100)
+_LSB_PER_G = const(256)
+_CGAL_Q = const(24517)  # centi-gal per 1/4 LSB, times 256 (980.665 / 256 / 4 * 100 * 256)
+_BASE_SHIFT = const(9)  # gravity/offset baseline: 512 samples (5 s) time constant
+_TRIG_S = const(10)  # the fast trigger's intensity window
+_MARGIN_S = const(10)  # ring beyond the window: samples drained during a computation
+_STALE_MS = const(1000)
+_COUNT_MASK = const(0x0FFFFFFF)
+
+
+def _isqrt(v):
+    if v <= 0:
+        return 0
+    x = v
+    y = (x + 1) >> 1
+    while y < x:
+        x = y
+        y = (x + v // x) >> 1
+    return x
+
+
+def _agg(v):
+    return {"n": 1, "min": v, "max": v, "mean": v, "last": v}
+
+
+class ADXL345:
+    """3-axis accelerometer read from its 32-entry FIFO (stream mode, 100 Hz).
+
+    ``__init__(i2c, clock, opts)``: opts "address" (0x53, or 0x1D), "window_s"
+    (60: the record summary() computes the intensity over), "trigger_gal" (8),
+    "event_intensity" (3.5). read_into must run at least every 320 ms (a
+    full FIFO is counted in ``overruns``). Per sample it stores raw counts in
+    array('h') rings, tracks a gravity/offset baseline and the peak vector
+    acceleration, all in small ints: no allocation. Its channel is the peak
+    vector acceleration of the samples it drained, in centi-gal.
+
+    The fast trigger: a sample above trigger_gal makes the next read_into
+    compute the intensity of the last 10 s (at most once per second, and
+    every second while ``alert``); at event_intensity or more it emits
+    ("earthquake", "warning" | "critical" from 5+, {...}), again when the
+    scale rises, and keeps ``alert`` until the 10 s intensity falls below.
+    """
+
+    KIND = "adxl345"
+    CHANNELS = ("accel_gal",)
+    SCALES = (100,)
+
+    def __init__(self, i2c, clock, opts=None):
+        opts = opts or {}
+        self._i2c = i2c
+        self._clock = clock
+        self.address = opts.get("address", _ADDRESS)
+        self.window_s = int(opts.get("window_s", 60))
+        if self.window_s < 1:
+            raise SensorError("adxl345: window_s must be at least 1 s")
+        self.trigger_gal = opts.get("trigger_gal", 8.0)
+        self.event_intensity = opts.get("event_intensity", 3.5)
+        self.gal_per_lsb = _G_GAL / _LSB_PER_G
+        t = self.trigger_gal / self.gal_per_lsb
+        self._trig2 = int(t * t + 0.5)  # in LSB^2
+        self._wn = self.window_s * _RATE
+        self._tn = min(_TRIG_S * _RATE, self._wn)
+        self._margin = _MARGIN_S * _RATE
+        size = self._size = self._wn + self._margin
+        self._x = array("h", bytes(2 * size))
+        self._y = array("h", bytes(2 * size))
+        self._z = array("h", bytes(2 * size))
+        self._jma = JMA(self._wn)
+        self._buf = bytearray(6)
+        self._b1 = bytearray(1)
+        self._poll = self._drain_quiet  # bound once: drains the FIFO during a computation
+        # per-sample state (small ints)
+        self._w = 0  # next write index
+        self._count = 0  # samples in the rings
+        self._total = 0  # samples ever (masked), for the margin check
+        self._bx = self._by = self._bz = 0  # baseline in 1/65536 LSB (< 2**29 at 16 g)
+        self._based = False
+        self._peak2 = 0  # peak |v|^2 (LSB^2) since the last read_into
+        self._pga2 = 0  # since the last summary
+        self._blk = 0  # samples into the current second
+        self._armed = True
+        self._pending = False
+        self._last_ms = 0
+        self.overruns = 0
+        self.late = 0
+        self.errors = 0
+        self.status = WARNING
+        self._ready = False
+        self.alert = False
+        self.intensity = None  # of the last fast-trigger evaluation (last 10 s)
+        self._scale_i = -1
+        self._events = []
+
+    def _fail(self, reason):
+        self._ready = False
+        self.status = FAILED
+        raise SensorError("adxl345 at 0x%02x: %s" % (self.address, reason))
+
+    def _reg(self, reg):
+        self._i2c.readfrom_mem_into(self.address, reg, self._b1)
+        return self._b1[0]
+
+    def _write(self, reg, value):
+        self._b1[0] = value
+        self._i2c.writeto_mem(self.address, reg, self._b1)
+
+    def _configure(self):
+        self._write(_REG_POWER_CTL, 0)  # standby while configuring
+        self._write(_REG_BW_RATE, _RATE_100HZ)
+        self._write(_REG_DATA_FORMAT, _FULL_RES_16G)
+        self._write(_REG_FIFO_CTL, _FIFO_BYPASS)
+        self._write(_REG_FIFO_CTL, _FIFO_STREAM)
+        self._write(_REG_POWER_CTL, _MEASURE)
+
+    def begin(self):
+        """Probe the device id, set 100 Hz, full resolution, FIFO stream, measure."""
+        try:
+            dev = self._reg(_REG_DEVID)
+            if dev != _DEVID:
+                self._fail("device id 0x%02x, expected 0x%02x" % (dev, _DEVID))
+            self._configure()
+        except OSError as e:
+            self._fail("no answer (OSError %s)" % e.args[0])
+        self._last_ms = self._clock.ticks_ms()
+        self._ready = True
+        self.status = OK
+
+    def _drain(self):
+        # Every FIFO entry into the rings; returns how many. Ints only.
+        i2c = self._i2c
+        addr = self.address
+        b = self._buf
+        i2c.readfrom_mem_into(addr, _REG_FIFO_STATUS, self._b1)
+        k = self._b1[0] & 0x3F
+        if k >= _FIFO_DEPTH:
+            self.overruns += 1  # full: samples may have been lost
+            self.errors += 1
+        xs = self._x
+        ys = self._y
+        zs = self._z
+        w = self._w
+        size = self._size
+        bx = self._bx
+        by = self._by
+        bz = self._bz
+        trig2 = self._trig2
+        peak = 0
+        pga = self._pga2
+        blk = self._blk
+        for _ in range(k):
+            i2c.readfrom_mem_into(addr, _REG_DATAX0, b)
+            x = b[0] | (b[1] << 8)
+            if x & 0x8000:
+                x -= 0x10000
+            y = b[2] | (b[3] << 8)
+            if y & 0x8000:
+                y -= 0x10000
+            z = b[4] | (b[5] << 8)
+            if z & 0x8000:
+                z -= 0x10000
+            xs[w] = x
+            ys[w] = y
+            zs[w] = z
+            w += 1
+            if w == size:
+                w = 0
+            if not self._based:
+                bx = x << 16
+                by = y << 16
+                bz = z << 16
+                self._based = True
+            else:
+                bx += ((x << 16) - bx) >> _BASE_SHIFT
+                by += ((y << 16) - by) >> _BASE_SHIFT
+                bz += ((z << 16) - bz) >> _BASE_SHIFT
+            x -= (bx + 0x8000) >> 16
+            y -= (by + 0x8000) >> 16
+            z -= (bz + 0x8000) >> 16
+            v = x * x + y * y + z * z
+            if v > peak:
+                peak = v
+            if v >= trig2 and self._armed:
+                self._pending = True
+                self._armed = False
+            blk += 1
+            if blk == _RATE:
+                blk = 0
+                self._armed = True
+                if self.alert:
+                    self._pending = True
+        if peak > pga:
+            pga = peak
+        if peak > self._peak2:
+            self._peak2 = peak
+        self._w = w
+        self._bx = bx
+        self._by = by
+        self._bz = bz
+        self._blk = blk
+        self._pga2 = pga
+        c = self._count + k
+        self._count = size if c > size else c
+        self._total = (self._total + k) & _COUNT_MASK
+        return k
+
+    def _drain_quiet(self):
+        try:
+            self._drain()
+        except OSError:
+            self.errors += 1
+
+    @property
+    def samples(self):
+        """Samples read so far (wraps at 2**28)."""
+        return self._total
+
+    def read_into(self, out, offset):
+        """Drain the FIFO; out[offset] = peak vector acceleration of the drained
+        samples (centi-gal, gravity removed). False when nothing was new."""
+        if not self._ready:
+            return False
+        over = self.overruns
+        try:
+            k = self._drain()
+        except OSError:
+            self.errors += 1
+            self.status = WARNING
+            return False
+        now = self._clock.ticks_ms()
+        if k == 0:
+            if self._clock.ticks_diff(now, self._last_ms) > _STALE_MS:
+                # no samples for a second: the part lost power or its settings
+                self._last_ms = now
+                self.errors += 1
+                self.status = WARNING
+                try:
+                    self._configure()
+                except OSError:
+                    pass
+            return False
+        self._last_ms = now
+        out[offset] = (_isqrt(self._peak2 << 4) * _CGAL_Q) >> 8
+        self._peak2 = 0
+        if self._pending:
+            self._pending = False
+            self._evaluate()
+        self.status = WARNING if self.overruns != over else OK
+        return True
+
+    # -- once per trigger or window: floats and allocation are fine here
+    def _compute(self, n):
+        start = self._w - n
+        if start < 0:
+            start += self._size
+        t0 = self._total
+        i = self._jma.intensity(self._x, self._y, self._z, n, _RATE, start, self._size,
+                                self.gal_per_lsb, self._poll)
+        if ((self._total - t0) & _COUNT_MASK) > self._margin:
+            self.late += 1  # the oldest samples were overwritten while computing
+        return i, start
+
+    def _ring_pga(self, start, n):
+        # peak vector acceleration (gal) of n ring samples about their mean
+        size = self._size
+        peak = 0
+        m = []
+        for a in (self._x, self._y, self._z):
+            s = 0
+            p = start
+            for _ in range(n):
+                s += a[p]
+                p = p + 1 if p + 1 < size else 0
+            m.append((s + n // 2) // n)
+        xs, ys, zs = self._x, self._y, self._z
+        mx, my, mz = m
+        p = start
+        for _ in range(n):
+            x = xs[p] - mx
+            y = ys[p] - my
+            z = zs[p] - mz
+            v = x * x + y * y + z * z
+            if v > peak:
+                peak = v
+            p = p + 1 if p + 1 < size else 0
+        return math.sqrt(peak) * self.gal_per_lsb
+
+    def _evaluate(self):
+        n = min(self._tn, self._count)
+        if n < _RATE:
+            return
+        i, start = self._compute(n)
+        self.intensity = i
+        p = jma_published(i)
+        if p >= self.event_intensity:
+            si = scale_index(i)
+            if not self.alert or si > self._scale_i:
+                sev = "critical" if si >= 6 else "warning"  # 5+ and above
+                self._emit(("earthquake", sev, {"intensity": round(i, 2), "scale": SCALES_JMA[si],
+                                                "pga_gal": round(self._ring_pga(start, n), 1)}))
+                self._scale_i = si
+            self.alert = True
+        elif self.alert:
+            self.alert = False
+            self._scale_i = -1
+
+    def _emit(self, ev):
+        if len(self._events) >= 16:
+            self._events.pop(0)
+        self._events.append(ev)
+
+    def take_events(self):
+        if not self._events:
+            return None
+        ev = self._events
+        self._events = []
+        return ev
+
+    def summary(self):
+        """At a window's close: the JMA intensity of the last window_s and the
+        PGA since the previous summary."""
+        ch = {}
+        n = min(self._wn, self._count)
+        pga2 = self._pga2
+        self._pga2 = 0  # samples drained while computing count for the next window
+        if n >= _RATE:
+            i, _ = self._compute(n)
+            if i > -math.inf:
+                ch["intensity"] = _agg(round(i, 2))
+        if n:
+            ch["pga_gal"] = _agg(round(math.sqrt(pga2) * self.gal_per_lsb, 1))
+        return {"ch": ch}

@@ -1,0 +1,81 @@
+"""Simulated A02YYUW / JSN-SR04T (mode UART) ultrasonic ranger.
+
+Sends a 4-byte frame 0xFF, H, L, SUM (SUM = (0xFF + H + L) & 0xFF, distance
+H*256+L mm) every ``period_ms`` (about 100 ms) of the clock. Frames that
+pile up while nobody reads arrive together (at most _BURST). ``set(mm)``
+changes the distance (any value, so out-of-range answers can be sent);
+the fault switches apply to the next frame; ``silence(True)`` stops the
+part (cut wire). The usual path returns a preallocated view: no allocation.
+"""
+from sim.clock import ticks_diff
+
+_BURST = 16
+
+
+def frame(mm):
+    mm = min(max(int(mm), 0), 0xFFFF)
+    h, l = mm >> 8, mm & 0xFF
+    return bytes((0xFF, h, l, (0xFF + h + l) & 0xFF))
+
+
+class RangerDevice:
+    def __init__(self, clock, distance_mm=2000, period_ms=100):
+        self.clock = clock
+        self.period_ms = period_ms
+        self.frames_sent = 0
+        self.received = []
+        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        self._buf = bytearray(4 * _BURST)
+        mv = memoryview(self._buf)
+        self._views = [mv[:4 * (i + 1)] for i in range(_BURST)]
+        self._garbage = None
+        self._bad_sum = False
+        self._spike = None
+        self._silent = False
+        self.set(distance_mm)
+
+    def set(self, mm):
+        """Distance to the water surface (mm) for the frames from now on."""
+        self.distance_mm = mm
+        f = frame(mm)
+        for k in range(_BURST):
+            self._buf[4 * k:4 * k + 4] = f
+
+    # fault switches, each for the next frame
+    def corrupt_checksum(self):
+        self._bad_sum = True
+
+    def inject_garbage(self, data=b"\x00\x13\xff\x12"):
+        self._garbage = bytes(data)
+
+    def spike(self, mm):
+        """The next frame reports mm (a stray echo), the ones after it the set distance."""
+        self._spike = mm
+
+    def silence(self, on=True):
+        self._silent = on
+
+    def uart_tx(self, data):
+        self.received.append(bytes(data))
+
+    def uart_poll(self, now_ms):
+        d = ticks_diff(now_ms, self._next)
+        if d < 0:
+            return None
+        k = d // self.period_ms + 1
+        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
+        if self._silent:
+            return None
+        self.frames_sent += k
+        if k > _BURST:
+            k = _BURST
+        if self._garbage is None and not self._bad_sum and self._spike is None:
+            return self._views[k - 1]
+        first = bytearray(frame(self._spike) if self._spike is not None else self._buf[:4])
+        if self._bad_sum:
+            first[3] ^= 0x5A
+        out = (self._garbage or b"") + bytes(first) + bytes(self._buf[4:4 * k])
+        self._garbage = None
+        self._bad_sum = False
+        self._spike = None
+        return out
