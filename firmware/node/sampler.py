@@ -247,6 +247,8 @@ class Sampler:
     def mark_reported(self, aggregates):
         # remember what was sent, as the reference for the deadband
         for name, a in aggregates.items():
+            if name not in self.names:
+                continue  # a driver's window summary, not a sampled channel
             k = self.names.index(name)
             self.reported[k] = int(a["mean"] * self.scales[k])
             self.has_reported[k] = 1

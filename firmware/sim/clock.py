@@ -134,3 +134,35 @@ class SimClock:
         if u is None:
             return None
         return u[0] + (self._sec - u[1]) + (self._msr - u[2]) // 1000
+
+
+class PacedClock(SimClock):
+    """A SimClock that keeps pace with the host's real time, for virtual
+    nodes in the demo and integration tests: simulated devices run on its
+    listeners (timers, FIFOs at 100 Hz, rain tips) while the firmware waits
+    in real time. catch_up() moves virtual time to the real time elapsed;
+    run() calls it every few ms. UTC is set from the host."""
+
+    def __init__(self, step_ms=5):
+        import time
+        SimClock.__init__(self, start_ms=0, utc=int(time.time()))
+        self._time = time
+        self._t0 = time.ticks_ms()
+        self.step_ms = step_ms
+
+    def catch_up(self):
+        t = self._time
+        behind = ticks_diff(ticks_diff(t.ticks_ms(), self._t0), self._ms)
+        if behind > 0:
+            self.advance(behind)
+
+    async def sleep_ms(self, ms):
+        if ms > 0:
+            await asyncio.sleep_ms(ms) if _yield_ms else await asyncio.sleep(ms / 1000)
+        else:
+            await (asyncio.sleep_ms(0) if _yield_ms else asyncio.sleep(0))
+        self.catch_up()
+
+    async def run(self):
+        while True:
+            await self.sleep_ms(self.step_ms)

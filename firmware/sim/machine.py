@@ -2,7 +2,7 @@
 
 Firmware uses it exactly like ``machine`` (``hw.Pin(5, hw.Pin.IN)``,
 ``hw.I2C(0, scl=hw.Pin(9), sda=hw.Pin(8))``...); tests drive the other
-side: ``m.pin(5).drive(0)``, ``m.adc_source(4, fn)``,
+side: ``m.pin(5).drive(0)``, ``m.adc_source(4, fn)``, ``m.adc_waveform(4, fn_us)``,
 ``m.i2c_bus(0).attach(0x76, dev)``, ``m.uart_port(1).attach(dev)``,
 ``m.wdt_expired()``. Timing comes from the SimClock given to it.
 
@@ -142,6 +142,29 @@ class ADC:
         # floor(counts * fs_uv / 65535) without leaving small ints
         p = self.read_u16() * _ADC_FS_MV[self._atten]
         return (p // 65535) * 1000 + ((p % 65535) * 1000) // 65535
+
+
+class _Wave:
+    # an ADC source that is a fast waveform (adc_waveform): counts from
+    # fn(now_us); each conversion takes conv_us on the microsecond ticks
+    def __init__(self, clock, fn, conv_us):
+        self.clock = clock
+        self.fn = fn
+        self.conv_us = conv_us
+        spend = getattr(clock, "spend_us", None)
+        if spend is None and hasattr(clock, "_us"):
+            spend = self._spend  # SimClock keeps its microsecond ticks in _us
+        self.spend = spend  # None: a real clock, time passes by itself
+
+    def _spend(self, us):
+        c = self.clock
+        c._us = (c._us + us) & 0x3FFFFFFF
+
+    def read(self):
+        v = self.fn(self.clock.ticks_us())
+        if self.spend is not None:
+            self.spend(self.conv_us)
+        return v
 
 
 class I2CBus:
@@ -488,9 +511,19 @@ class Machine:
         """Counts 0..65535 for an ADC pin: a value or fn(now_ms)."""
         self._adc[pin_no] = source
 
+    def adc_waveform(self, pin_no, fn_us, conv_us=10):
+        """Counts 0..65535 for an ADC pin from fn(now_us): a fast signal (a PWM
+        pilot, mains current) that a driver samples in a burst paced with
+        ticks_us. Each read is a conversion taking conv_us of virtual time on
+        the microsecond ticks only (ticks_ms and timers do not move), so a
+        burst that keeps converting while it waits sees time pass as on a board."""
+        self._adc[pin_no] = _Wave(self.clock, fn_us, conv_us)
+
     def _adc_read(self, n):
         s = self._adc.get(n, 0)
-        if callable(s):
+        if isinstance(s, _Wave):
+            s = s.read()
+        elif callable(s):
             s = s(self.clock.ticks_ms())
         return 0 if s < 0 else (65535 if s > 65535 else int(s))
 
