@@ -23,11 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fleet.demo")
 
 
+BOARDS = {"env-station": "env", "people-gate": "gate", "ev-charger": "ev", "river-station": "river"}
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--nodes", type=int, default=5, help="virtual nodes to start (default 5)")
+    p.add_argument("--nodes", type=int, default=8, help="virtual nodes to start (default 8)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stop after this long and print a JSON summary (default: run until Ctrl-C)")
-    p.add_argument("--board", default=str(REPO / "boards" / "env-station.toml"), help="board profile (TOML)")
+    p.add_argument("--boards", default=",".join(BOARDS),
+                   help="board profiles the nodes take in turn, by name in boards/ or path "
+                        "(default: the Iwaki New Town mix %s)" % ",".join(BOARDS))
     p.add_argument("--window-s", type=int, default=10,
                    help="reporting window of the virtual nodes in seconds (default 10; boards say 60)")
     p.add_argument("--state", default=None, help="directory for the broker, database and node flash "
@@ -43,11 +48,16 @@ def firmware_on_path() -> None:
     sim.cpython.install()
 
 
+def board_path(board: str) -> Path:
+    p = Path(board)
+    return p if p.suffix == ".toml" else REPO / "boards" / (board + ".toml")
+
+
 def demo_profile(board: str, window_s: int) -> dict:
     from tools.boards import compile_board
     firmware_on_path()
     from node.config import check_profile
-    p = compile_board(board)
+    p = compile_board(board_path(board))
     p["report"]["window_s"] = window_s
     p["report"]["health_s"] = window_s
     p["report"]["max_silence_s"] = window_s * 3
@@ -55,20 +65,23 @@ def demo_profile(board: str, window_s: int) -> dict:
     return check_profile(p)
 
 
-def node_identity(i: int, root: str, broker: Mosquitto) -> dict:
-    return {"node": "env-%04d" % i, "root": root,
-            "broker": {"host": broker.host, "port": broker.port},
-            "user": "env-%04d" % i, "password": ""}
+def node_identity(i: int, root: str, broker: Mosquitto, prefix: str = "env") -> dict:
+    node = "%s-%04d" % (prefix, i)
+    return {"node": node, "root": root, "broker": {"host": broker.host, "port": broker.port},
+            "user": node, "password": ""}
 
 
-async def run_nodes(profile: dict, identities: list[dict], state: Path, seconds: float | None,
+async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: float | None,
                     on_tick=None) -> list:
+    """Run virtual nodes, one per (profile, identity), on one clock paced to
+    real time, for `seconds` (None: until SIGINT/SIGTERM)."""
     firmware_on_path()
-    from node.clock import Clock
+    from sim.clock import PacedClock
     from sim.virtual import VirtualNode
-    clock = Clock()
+    clock = PacedClock()
+    pacer = asyncio.create_task(clock.run())
     nodes = []
-    for n, ident in enumerate(identities):
+    for n, (profile, ident) in enumerate(nodes_spec):
         root = state / "nodes" / ident["node"]
         root.mkdir(parents=True, exist_ok=True)
         nodes.append(VirtualNode(profile, ident, str(root), clock, asyncio.open_connection, seed=n))
@@ -90,7 +103,10 @@ async def run_nodes(profile: dict, identities: list[dict], state: Path, seconds:
         await v.stop()
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    for v, r in zip(nodes, await asyncio.gather(*tasks, return_exceptions=True)):
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            log.error("node %s crashed: %r", v.node.uplink.node, r)
+    pacer.cancel()
     return nodes
 
 
@@ -103,13 +119,18 @@ def run(args) -> int:
         return 2
     state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="iwaki-demo-"))
     state.mkdir(parents=True, exist_ok=True)
-    profile = demo_profile(args.board, args.window_s)
+    boards = [b.strip() for b in args.boards.split(",") if b.strip()]
+    for b in boards:
+        if not board_path(b).exists():
+            print(f"fleet: no board profile {b!r} (boards: {', '.join(BOARDS)})", file=sys.stderr)
+            return 2
+    profiles = {b: demo_profile(b, args.window_s) for b in boards}
     broker = Mosquitto(state / "broker").start()
     db = state / "fleet.db"
     ingest = Ingest(db_path=str(db), host=broker.host, port=broker.port, root=args.root)
     ingest.start()
     print(f"demo: broker on {broker.host}:{broker.port}, database {db}", file=sys.stderr)
-    print(f"demo: {args.nodes} virtual {profile['name']} nodes, window {args.window_s} s; "
+    print(f"demo: {args.nodes} virtual nodes ({', '.join(boards)}), window {args.window_s} s; "
           f"watch them with: python -m fleet nodes --db {db}", file=sys.stderr)
     summary = {}
 
@@ -120,10 +141,13 @@ def run(args) -> int:
                         "telemetry_stored": s["telemetry_stored"], "invalid": s["invalid"],
                         "duplicates": s["duplicates"]})
 
-    identities = [node_identity(i + 1, args.root, broker) for i in range(args.nodes)]
+    spec = []
+    for i in range(args.nodes):
+        b = boards[i % len(boards)]
+        spec.append((profiles[b], node_identity(i + 1, args.root, broker, BOARDS.get(b, "node"))))
     t0 = time.monotonic()
     try:
-        asyncio.run(run_nodes(profile, identities, state, args.seconds, on_tick=snapshot))
+        asyncio.run(run_nodes(spec, state, args.seconds, on_tick=snapshot))
     finally:
         ingest.wait_idle(5)
         ingest.stop()

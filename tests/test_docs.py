@@ -12,7 +12,8 @@ CLI_DOC = (REPO / "docs" / "cli.md").read_text()
 MQTT_DOC = (REPO / "docs" / "mqtt.md").read_text()
 
 COMMANDS = [("fleet", "serve"), ("fleet", "nodes"), ("fleet", "demo"),
-            ("tools.boards", "check"), ("tools.boards", "compile"), ("tools.bench", "sampler")]
+            ("tools.boards", "check"), ("tools.boards", "compile"), ("tools.bench", "sampler"),
+            ("tools.bench", "sensors")]
 
 
 def help_text(*argv):

@@ -127,7 +127,8 @@ class Node:
             bus = hw.I2C(c["id"], scl=hw.Pin(c["scl"]), sda=hw.Pin(c["sda"]), freq=c["freq_hz"])
         else:
             c = self.profile["uart"][name]
-            bus = hw.UART(c["id"], baudrate=c["baud"], tx=c["tx"], rx=c["rx"])
+            # 1 KiB of receive buffer: a radar frame burst must not overflow it
+            bus = hw.UART(c["id"], baudrate=c["baud"], tx=c["tx"], rx=c["rx"], rxbuf=1024)
         buses[ref] = bus
         return bus
 

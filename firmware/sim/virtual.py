@@ -1,80 +1,141 @@
 # A virtual node: the real firmware (node.app.Node) on a simulated board whose
-# devices follow a simple model of the weather and the people around them.
-# Runs under CPython (after sim.cpython.install()) and in the MicroPython VM.
+# devices follow a scenario of the Iwaki New Town district: the weather over
+# a day, people passing a gate, EV charging sessions, a storm that raises the
+# river, an earthquake. Runs under CPython (after sim.cpython.install()) and
+# in the MicroPython VM. Scenario time runs 60x faster than the clock for the
+# slow things (a day in 24 minutes); pulses (people, tips, shaking) are real.
 import asyncio
 import math
 import random
 
 from node.app import Node
-from sim.devices.bme280 import BME280Device
-from sim.devices.pms5003 import PMS5003Device
-from sim.devices.scd4x import SCD4xDevice
 from sim.machine import Machine
 
 
-def make_board(profile, clock, uid):
-    """A simulated Machine with the profile's devices attached at their addresses."""
+def _device(kind, s, profile, m, clock, ble):
+    # the simulated part for one [[sensors]] entry, attached where it sits
+    opts = s.get("options") or {}
+    if kind == "bme280":
+        from sim.devices.bme280 import BME280Device
+        return BME280Device()
+    if kind == "scd4x":
+        from sim.devices.scd4x import SCD4xDevice
+        return SCD4xDevice(clock)
+    if kind == "pms5003":
+        from sim.devices.pms5003 import PMS5003Device
+        return PMS5003Device(clock)
+    if kind == "beam_pair":
+        from sim.devices.beams import BeamGate
+        return BeamGate(m, s["pins"]["a"], s["pins"]["b"], clock, active_low=opts.get("active_low", True))
+    if kind == "ld2410":
+        from sim.devices.ld2410 import LD2410Device
+        return LD2410Device(clock)
+    if kind == "ble_counter":
+        return ble
+    if kind == "sdm_meter":
+        from sim.devices.sdm import SDMDevice
+        return SDMDevice(clock, model=opts.get("model", "sdm120"), address=opts.get("address", 1))
+    if kind == "a02yyuw":
+        from sim.devices.ranger import RangerDevice
+        return RangerDevice(clock)
+    if kind == "level_4_20ma":
+        return s["pin"]  # driven through machine.adc_source
+    if kind == "rain_gauge":
+        from sim.devices.rain import RainGaugeDevice
+        return RainGaugeDevice(m, s["pins"]["tip"], mm_per_tip=opts.get("mm_per_tip", 0.5))
+    if kind == "adxl345":
+        from sim.devices.adxl345 import ADXL345Device
+        return ADXL345Device(clock, noise_lsb=1)
+    if kind in ("cp_pilot", "ct_clamp"):
+        return None  # one EVSE drives both ADC pins, made below
+    raise ValueError("no simulated device for %s" % kind)
+
+
+def make_board(profile, clock, uid, ble=None):
+    """A simulated Machine with the profile's parts attached: (machine, {kind: device})."""
     m = Machine(clock, uid=uid)
     devices = {}
     for s in profile["sensors"]:
-        kind, ref = s["kind"], s["bus"]
-        bus_kind, name = ref.split(".", 1)
-        if kind == "bme280":
-            d = BME280Device()
-        elif kind == "scd4x":
-            d = SCD4xDevice(clock)
-        elif kind == "pms5003":
-            d = PMS5003Device(clock)
-        else:
-            raise ValueError("no simulated device for %s" % kind)
-        if bus_kind == "i2c":
-            m.i2c_bus(profile["i2c"][name]["id"]).attach(s["address"], d)
-        else:
-            m.uart_port(profile["uart"][name]["id"]).attach(d)
+        kind = s["kind"]
+        d = _device(kind, s, profile, m, clock, ble)
+        bus = s.get("bus", "")
+        if bus.startswith("i2c."):
+            m.i2c_bus(profile["i2c"][bus[4:]]["id"]).attach(s["address"], d)
+        elif bus.startswith("uart."):
+            m.uart_port(profile["uart"][bus[5:]]["id"]).attach(d)
         devices[kind] = d
+    if "cp_pilot" in devices:
+        from sim.devices.evse import EVSE
+        cp = [s for s in profile["sensors"] if s["kind"] == "cp_pilot"][0]
+        ct = [s for s in profile["sensors"] if s["kind"] == "ct_clamp"]
+        o = cp.get("options") or {}
+        kw = {"cp_volts_per_count": o["volts_per_count"], "cp_zero_count": o["zero_count"]}
+        if ct:
+            kw["ct_amps_per_count"] = ct[0]["options"]["amps_per_count"]
+        devices["evse"] = EVSE(m, clock, cp["pin"], ct[0]["pin"] if ct else 39, **kw)
     return m, devices
 
 
-class Weather:
-    """Iwaki in late autumn: a daily temperature swing, humidity opposite to
-    it, slow pressure changes, CO2 from people nearby, particulates."""
+class Scenario:
+    """What happens around one node, as a function of scenario time."""
 
-    def __init__(self, seed):
-        self.rng = random.Random(seed) if hasattr(random, "Random") else None
+    def __init__(self, seed, hour0):
+        self.rng = random.Random(seed) if hasattr(random, "Random") else random
         self.seed = seed
+        self.hour0 = hour0
         self.offset = (seed % 17) * 0.1
 
-    def _noise(self, scale):
-        r = self.rng.random() if self.rng else random.random()
-        return (r - 0.5) * 2 * scale
+    def noise(self, scale):
+        return (self.rng.random() - 0.5) * 2 * scale
 
-    def at(self, hour):
+    def weather(self, hour):
         day = math.sin((hour - 9) / 24 * 2 * math.pi)
         return {
-            "temp_c": 12.0 + 6.0 * day + self.offset + self._noise(0.05),
-            "rh_pct": max(5.0, min(95.0, 65.0 - 15.0 * day + self._noise(0.3))),
-            "pressure_pa": 101325.0 + 300 * math.sin(hour / 30) + self._noise(3),
-            "co2_ppm": 420 + 300 * max(0.0, math.sin((hour - 7) / 12 * math.pi)) + self._noise(5),
-            "pm25": max(0.0, 8 + 4 * day + self._noise(1)),
+            "temp_c": 12.0 + 6.0 * day + self.offset + self.noise(0.05),
+            "rh_pct": max(5.0, min(95.0, 65.0 - 15.0 * day + self.noise(0.3))),
+            "pressure_pa": 101325.0 + 300 * math.sin(hour / 30) + self.noise(3),
+            "co2_ppm": 420 + 300 * max(0.0, math.sin((hour - 7) / 12 * math.pi)) + self.noise(5),
+            "pm25": max(0.0, 8 + 4 * day + self.noise(1)),
         }
+
+    def river_m(self, minutes):
+        # a storm: the river rises from 1.6 m past caution and falls back,
+        # over a 40 min (scenario) cycle
+        phase = (minutes % 40) / 40.0
+        return 1.6 + 1.6 * max(0.0, math.sin(phase * math.pi)) ** 2
+
+    def rain_mm_h(self, minutes):
+        phase = (minutes % 40) / 40.0
+        return 60.0 * max(0.0, math.sin(phase * math.pi * 1.2)) if phase < 0.8 else 0.0
 
 
 class VirtualNode:
     def __init__(self, profile, identity, root, clock, connect, seed=0, hour=None):
         self.clock = clock
+        self.profile = profile
         uid = bytes([0x24, 0x6F, 0x28, (seed >> 16) & 255, (seed >> 8) & 255, seed & 255])
-        self.machine, self.devices = make_board(profile, clock, uid)
-        self.weather = Weather(seed)
-        self.hour0 = 10.0 if hour is None else hour
+        ble = None
+        if any(s["kind"] == "ble_counter" for s in profile["sensors"]):
+            from sim.ble import SimBLE
+            ble = SimBLE(clock)
+        self.machine, self.devices = make_board(profile, clock, uid, ble)
+        self.scenario = Scenario(seed, 10.0 if hour is None else hour)
         self.t0 = clock.ticks_ms()
+        self.tick = 0
         self.update()
-        self.node = Node(self.machine, clock, profile, identity, root, connect)
+        self.node = Node(self.machine, clock, profile, identity, root, connect, ble=ble)
+
+    def minutes(self):
+        # scenario minutes: one per second of the clock
+        return self.clock.ticks_diff(self.clock.ticks_ms(), self.t0) / 1000.0
 
     def update(self):
-        # one step of the environment, in accelerated time (1 s = 1 min)
-        h = self.hour0 + self.clock.ticks_diff(self.clock.ticks_ms(), self.t0) / 60000.0
-        w = self.weather.at(h % 24)
+        """One second of the scenario."""
+        self.tick += 1
+        mins = self.minutes()
         d = self.devices
+        sc = self.scenario
+        w = sc.weather((sc.hour0 + mins / 60.0) % 24)
         if "bme280" in d:
             d["bme280"].set(temp_c=w["temp_c"], pressure_pa=w["pressure_pa"], rh_pct=w["rh_pct"])
         if "scd4x" in d:
@@ -82,6 +143,68 @@ class VirtualNode:
         if "pms5003" in d:
             p = w["pm25"]
             d["pms5003"].set(pm1=int(p * 0.7), pm25=int(p), pm10=int(p * 1.4))
+        if "beam_pair" in d:
+            self._people(d)
+        if "evse" in d:
+            self._charging(d)
+        if "a02yyuw" in d:
+            mount = [s for s in self.profile["sensors"] if s["kind"] == "a02yyuw"][0]["options"]["mount_m"]
+            d["a02yyuw"].set(int((mount - sc.river_m(mins) + sc.noise(0.01)) * 1000))
+        if "level_4_20ma" in d:
+            self._transducer(d, sc.river_m(mins))
+        if "rain_gauge" in d and self.tick % 60 == 1:
+            d["rain_gauge"].rain(sc.rain_mm_h(mins), 60000)
+        if "adxl345" in d and self.tick % 300 == 120:
+            self._earthquake(d["adxl345"])
+
+    def _people(self, d):
+        sc = self.scenario
+        r = sc.rng.random()
+        if r < 0.25:
+            d["beam_pair"].walk_in(sc.rng.randint(10, 900))
+        elif r < 0.45:
+            d["beam_pair"].walk_out(sc.rng.randint(10, 900))
+        if "ld2410" in d:
+            near = r < 0.45
+            d["ld2410"].set(state=1 if near else 0, moving_cm=sc.rng.randint(50, 400) if near else 0,
+                            moving_energy=60 if near else 0)
+        ble = d.get("ble_counter")
+        if ble is not None and self.tick % 10 == 1:
+            ble.clear_devices()
+            for _ in range(sc.rng.randint(0, 14)):
+                addr = bytes([sc.rng.getrandbits(8) for _ in range(6)])
+                ble.add_device(addr, -60 - sc.rng.randint(0, 30), every_ms=1000)
+
+    def _charging(self, d):
+        # a session every 90 s: plug, charge at 16 A for 45 s, stop, unplug
+        t = self.tick % 90
+        evse = d["evse"]
+        meter = d.get("sdm_meter")
+        if t == 10:
+            evse.plug()
+        elif t == 15:
+            evse.charge(16.0)
+            if meter:
+                meter.set(current_a=16.0)
+        elif t == 60:
+            evse.stop()
+            if meter:
+                meter.set(current_a=0.0)
+        elif t == 65:
+            evse.unplug()
+
+    def _transducer(self, d, level_m):
+        s = [x for x in self.profile["sensors"] if x["kind"] == "level_4_20ma"][0]
+        o = s["options"]
+        ma = 4.0 + 16.0 * max(0.0, level_m - o["datum_m"]) / o["range_m"]
+        uv = ma * o["shunt_ohm"] * 1000.0
+        # the simulated ADC reads 0..65535 for 0..2.45 V (11 dB attenuation)
+        self.machine.adc_source(d["level_4_20ma"], min(65535, int(uv / 2450000.0 * 65535)))
+
+    def _earthquake(self, dev):
+        from sim.devices.adxl345 import sine
+        start = dev._now_us / 1e6 + 1.0
+        dev.wave = sine(60.0, 2.0, axis=0, start_s=start, dur_s=8.0)
 
     async def _environment(self):
         while self.node.running:

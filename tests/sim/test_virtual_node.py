@@ -69,14 +69,14 @@ async def wait_async(pred, timeout=15.0):
     return pred()
 
 
-def make_node(profile, broker, tmp_path, i=1):
+def make_node(profile, broker, tmp_path, i=1, prefix="env", clock=None):
     firmware_on_path()
     from node.clock import Clock
     from sim.virtual import VirtualNode
-    ident = node_identity(i, "iwaki", broker)
+    ident = node_identity(i, "iwaki", broker, prefix)
     root = tmp_path / ("flash%d" % i)
     root.mkdir(exist_ok=True)
-    return VirtualNode(profile, ident, str(root), Clock(), asyncio.open_connection, seed=i)
+    return VirtualNode(profile, ident, str(root), clock or Clock(), asyncio.open_connection, seed=i)
 
 
 def test_birth_telemetry_health_and_last_will_reach_the_fleet(broker, fleet, tmp_path):
@@ -150,3 +150,53 @@ def test_broker_restart_loses_no_telemetry_the_outbox_held(broker, fleet, tmp_pa
     assert rows(db, "select count(*) from gaps where node='env-0001'")[0][0] == 0
     assert rows(db, "select topic, reason from invalid") == []
     assert rows(db, "select state from nodes where id='env-0001'")[0][0] == "offline"
+
+
+def test_one_node_of_each_board_kind_reaches_the_fleet(broker, fleet, tmp_path):
+    """The Iwaki New Town mix: every board's virtual node is heard, its
+    telemetry stored with the channels of its sensors, and the EV charger's
+    and the river station's events arrive."""
+    from fleet.demo import BOARDS, demo_profile
+    ing, db = fleet
+    firmware_on_path()
+    from sim.clock import PacedClock
+
+    async def scenario():
+        clock = PacedClock()
+        pacer = asyncio.create_task(clock.run())
+        nodes = [make_node(demo_profile(b, 5), broker, tmp_path, i + 1, prefix, clock)
+                 for i, (b, prefix) in enumerate(BOARDS.items())]
+        tasks = [asyncio.create_task(v.run()) for v in nodes]
+        ok = await wait_async(lambda: all(v.node.windows_sent >= 3 for v in nodes)
+                              and any(v.node.event_mode for v in nodes), 40)
+        for v in nodes:
+            await v.stop()
+        for t in tasks:
+            t.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        pacer.cancel()
+        crashed = [r for r in results if isinstance(r, Exception)]
+        assert not crashed, crashed
+        assert ok, [(v.node.uplink.node, v.node.windows_sent) for v in nodes]
+        return nodes
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: len(rows(db, "select id from nodes where board is not null")) == 4)
+    boards = dict(rows(db, "select id, board from nodes"))
+    assert boards == {"env-0001": "env-station", "gate-0002": "people-gate",
+                      "ev-0003": "ev-charger", "river-0004": "river-station"}, boards
+
+    def channels(node):
+        return {r[0] for r in rows(db, "select distinct channel from telemetry where node=?", node)}
+
+    assert {"temp_c", "co2_ppm", "pm25_ugm3"} <= channels("env-0001")
+    assert {"people_in", "people_out", "occupancy", "presence"} <= channels("gate-0002")
+    assert rows(db, "select count(*) from telemetry where node='gate-0002' and channel='people_in' "
+                    "and sum is not null")[0][0] >= 1
+    assert {"cp_state", "offered_a", "current_a", "voltage_v", "energy_kwh"} <= channels("ev-0003")
+    assert {"level_m", "rain_mm", "rain_1h_mm", "intensity", "pga_gal"} <= channels("river-0004")
+    events = {(n, e) for n, e in rows(db, "select node, event from events")}
+    assert ("ev-0003", "ev.state") in events and ("ev-0003", "ev.session_start") in events, events
+    assert ("river-0004", "river.stage") in events and ("river-0004", "node.event_mode") in events, events
+    assert rows(db, "select count(*) from telemetry where node='river-0004' and channel='level_m'")[0][0] >= 1
+    assert rows(db, "select topic, reason from invalid") == []

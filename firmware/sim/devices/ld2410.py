@@ -1,0 +1,138 @@
+"""Simulated HLK-LD2410 mmWave presence radar on a UART (256000 baud).
+
+Emits a report frame every period_ms of the clock (about 10 Hz, as the
+part does): basic frames by default, engineering frames after
+``engineering(True)``. Frames that pile up while nobody reads arrive
+together (at most _BURST of them). ``set()`` changes the target; the fault
+switches apply to the next frame, ``silence()`` until called with False.
+"""
+import struct
+from sim.clock import ticks_diff
+
+_BURST = 16
+_HDR = b"\xf4\xf3\xf2\xf1"
+_FTR = b"\xf8\xf7\xf6\xf5"
+
+NONE = 0
+MOVING = 1
+STATIC = 2
+BOTH = 3
+
+
+def frame(state=0, moving_cm=0, moving_energy=0, static_cm=0, static_energy=0, detect_cm=0,
+          gates=None):
+    """One report frame as bytes. gates: None for a basic frame, or
+    (moving energies, static energies), one per gate, for an engineering frame."""
+    body = struct.pack("<BHBHBH", state, moving_cm, moving_energy, static_cm, static_energy,
+                       detect_cm)
+    if gates is None:
+        data = b"\x02\xaa" + body
+    else:
+        mv, st = gates
+        data = (b"\x01\xaa" + body + bytes([len(mv) - 1, len(st) - 1]) + bytes(mv) + bytes(st)
+                + b"\x00\x00")  # light sensor value and OUT pin, as on the LD2410B/C
+    data += b"\x55\x00"
+    return _HDR + struct.pack("<H", len(data)) + data + _FTR
+
+
+class LD2410Device:
+    def __init__(self, clock, period_ms=100):
+        self.clock = clock
+        self.period_ms = period_ms
+        self.frames_sent = 0
+        self.received = []  # what the firmware wrote (commands)
+        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        self._eng = False
+        self._silent = False
+        self._garbage = None
+        self._fault = None
+        self._truncate = 0
+        self.state = NONE
+        self.moving_cm = self.moving_energy = 0
+        self.static_cm = self.static_energy = 0
+        self.detect_cm = 0
+        self._rebuild()
+
+    def set(self, state=None, moving_cm=None, moving_energy=None, static_cm=None,
+            static_energy=None, detect_cm=None):
+        """The target the radar sees, for the frames from now on."""
+        for name, v in (("state", state), ("moving_cm", moving_cm),
+                        ("moving_energy", moving_energy), ("static_cm", static_cm),
+                        ("static_energy", static_energy), ("detect_cm", detect_cm)):
+            if v is not None:
+                setattr(self, name, v)
+        self._rebuild()
+
+    def engineering(self, on=True):
+        """Engineering frames (per-gate energies) instead of basic ones."""
+        self._eng = bool(on)
+        self._rebuild()
+
+    def frame(self):
+        gates = None
+        if self._eng:
+            gates = ([min(100, self.moving_energy + g) for g in range(9)],
+                     [min(100, self.static_energy + g) for g in range(9)])
+        return frame(self.state, self.moving_cm, self.moving_energy, self.static_cm,
+                     self.static_energy, self.detect_cm, gates)
+
+    def _rebuild(self):
+        # _BURST copies of the current frame, and views of the first k of them,
+        # so an ordinary poll hands out bytes without allocating
+        f = self.frame()
+        self._len = len(f)
+        self._buf = bytearray(f * _BURST)
+        mv = memoryview(self._buf)
+        self._views = [mv[:self._len * (i + 1)] for i in range(_BURST)]
+
+    # fault switches, each for the next frame
+    def corrupt_footer(self):
+        self._fault = "footer"
+
+    def corrupt_tail(self):
+        self._fault = "tail"
+
+    def bad_length(self):
+        self._fault = "length"
+
+    def inject_garbage(self, data=b"\x00\xf4\xf3\x13\xaa\xf8"):
+        self._garbage = bytes(data)
+
+    def truncate_next(self, n=12):
+        self._truncate = n
+
+    def silence(self, on=True):
+        """Stop sending (a radar that hung or lost power) until silence(False)."""
+        self._silent = on
+
+    def uart_tx(self, data):
+        self.received.append(bytes(data))
+
+    def uart_poll(self, now_ms):
+        d = ticks_diff(now_ms, self._next)
+        if d < 0:
+            return None
+        k = d // self.period_ms + 1
+        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
+        if self._silent:
+            return None
+        self.frames_sent += k
+        if k > _BURST:
+            k = _BURST
+        if self._garbage is None and self._fault is None and not self._truncate:
+            return self._views[k - 1]
+        L = self._len
+        first = bytearray(self._buf[:L])
+        if self._fault == "footer":
+            first[L - 1] ^= 0x5A
+        elif self._fault == "tail":
+            first[L - 6] = 0x56
+        elif self._fault == "length":
+            first[4] = 0xFF
+        if self._truncate:
+            first = first[:self._truncate]
+        out = (self._garbage or b"") + bytes(first) + bytes(self._buf[L:L * k])
+        self._garbage = None
+        self._fault = None
+        self._truncate = 0
+        return out
