@@ -84,6 +84,7 @@ class Scenario:
         self.seed = seed
         self.hour0 = hour0
         self.offset = (seed % 17) * 0.1
+        self.ble_addrs = set()  # every address advertised, for privacy tests
 
     def noise(self, scale):
         return (self.rng.random() - 0.5) * 2 * scale
@@ -173,6 +174,7 @@ class VirtualNode:
             ble.clear_devices()
             for _ in range(sc.rng.randint(0, 14)):
                 addr = bytes([sc.rng.getrandbits(8) for _ in range(6)])
+                sc.ble_addrs.add(addr)
                 ble.add_device(addr, -60 - sc.rng.randint(0, 30), every_ms=1000)
 
     def _charging(self, d):

@@ -180,7 +180,18 @@ def test_one_node_of_each_board_kind_reaches_the_fleet(broker, fleet, tmp_path):
         assert ok, [(v.node.uplink.node, v.node.windows_sent) for v in nodes]
         return nodes
 
-    asyncio.run(scenario())
+    nodes = asyncio.run(scenario())
+    # privacy: no BLE address the gate heard is in anything it wrote or sent
+    addrs = nodes[1].scenario.ble_addrs
+    assert len(addrs) >= 5
+    blobs = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    ing.wait_idle(5)
+    for addr in addrs:
+        forms = [addr, addr.hex().encode(), addr.hex().upper().encode(),
+                 addr.hex(":").encode(), addr.hex(":").upper().encode(), addr[::-1].hex().encode()]
+        for blob in blobs:
+            for form in forms:
+                assert form not in blob, f"a BLE address leaked: {form!r}"
     assert wait_for(lambda: len(rows(db, "select id from nodes where board is not null")) == 4)
     boards = dict(rows(db, "select id, board from nodes"))
     assert boards == {"env-0001": "env-station", "gate-0002": "people-gate",
