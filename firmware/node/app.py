@@ -75,7 +75,8 @@ class Node:
         by_kind = dict((s["kind"], d) for s, d in zip(profile["sensors"], self.drivers))
         if "cp_pilot" in by_kind and "sdm_meter" in by_kind:
             by_kind["cp_pilot"].meter = by_kind["sdm_meter"]  # sessions need energy
-        self.event_drivers = [d for d in self.drivers if hasattr(d, "take_events")]
+        self.event_drivers = [(s["name"], d) for s, d in zip(profile["sensors"], self.drivers)
+                              if hasattr(d, "take_events")]
         self.alert_drivers = [d for d in self.drivers if hasattr(d, "alert")]
         self.summary_drivers = [d for d in self.drivers if hasattr(d, "summary")]
         base = 0
@@ -181,10 +182,11 @@ class Node:
             self.windows_sent += 1
 
     def publish_events(self):
-        for d in self.event_drivers:
+        for sensor, d in self.event_drivers:
             evs = d.take_events()
             if evs:
                 for name, severity, data in evs:
+                    data["sensor"] = sensor  # which part: a site may have two level sensors
                     self.uplink.publish("event", {"event": name, "severity": severity, "data": data})
 
     def update_event_mode(self, quiet):

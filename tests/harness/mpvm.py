@@ -60,6 +60,24 @@ def run_module(path: Path, names: list[str], lib_dirs: list[Path] | None = None)
             shutil.rmtree(broker.state_dir, ignore_errors=True)
 
 
+_BOARDS: dict = {}
+
+
+def compiled_boards(out_dir: Path) -> dict:
+    """Every boards/*.toml compiled to the JSON a node reads, for /boards/ in
+    the VM (compiled once per test run)."""
+    from tools.boards import board_files, compile_board, write_compact
+    if _BOARDS:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return dict(_BOARDS)
+    files = _BOARDS
+    for toml in board_files():
+        dst = out_dir / (toml.stem + ".json")
+        write_compact(compile_board(toml), dst)
+        files["/boards/" + dst.name] = str(dst)
+    return dict(files)
+
+
 def _run_module(path: Path, names: list[str], lib_dirs, env: dict) -> dict:
     why = vm_available()
     if why:
@@ -74,6 +92,7 @@ def _run_module(path: Path, names: list[str], lib_dirs, env: dict) -> dict:
         "module": "fwtest_" + path.stem,
         "tests": names,
         "env": env,
+        "data_files": compiled_boards(Path(tempfile.mkdtemp(prefix="fwtest-boards-"))),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(request, fh)

@@ -38,7 +38,11 @@ for (const dir of req.lib_dirs) {
     else if (name.endsWith(".py")) mp.FS.writeFile("/lib/" + name, readFileSync(s));
   }
 }
-for (const [dst, src] of Object.entries(req.data_files || {})) mp.FS.writeFile(dst, readFileSync(src));
+for (const [dst, src] of Object.entries(req.data_files || {})) {
+  const dir = dst.substring(0, dst.lastIndexOf("/"));
+  if (dir) { try { mp.FS.mkdir(dir); } catch (e) { /* exists */ } }
+  mp.FS.writeFile(dst, readFileSync(src));
+}
 mp.FS.mkdir("/flash");
 mp.FS.writeFile("/fwtest_env.json", JSON.stringify(req.env || {}));
 if (req.script !== undefined) {

@@ -1,0 +1,110 @@
+# The whole node application in the MicroPython VM: the env-station firmware
+# on a simulated board, reaching a real mosquitto through the VM's TCP bridge.
+import asyncio
+import json
+import os
+
+from fwenv import env
+from node.config import check_profile, load_profile
+from node.mqtt import MQTTClient
+from sim.clock import PacedClock
+from sim.vmnet import open_connection
+from sim.virtual import VirtualNode
+
+FWTEST_NEEDS = ("broker",)
+E = env()
+
+
+def fast_env_station():
+    p = load_profile("/boards/env-station.json")
+    p["sensors"] = [s for s in p["sensors"] if s["kind"] != "scd4x"]  # 5 s per reading
+    p["report"].update(window_s=1, health_s=2, max_silence_s=1, event_window_s=1)
+    p["report"]["deadband"].pop("co2_ppm")
+    return check_profile(p)
+
+
+async def wait(pred, ms):
+    for _ in range(ms // 20):
+        if pred():
+            return True
+        await asyncio.sleep_ms(20)
+    return pred()
+
+
+async def test_node_publishes_birth_state_telemetry_health_and_its_will():
+    got = []
+    watcher = MQTTClient("vm-watch", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
+    await watcher.connect(E["broker_host"], E["broker_port"])
+    await watcher.subscribe("iwaki/vm-0001/#", 1)
+    clock = PacedClock()
+    pacer = asyncio.create_task(clock.run())
+    os.mkdir("/flash/vm1")
+    ident = {"node": "vm-0001", "root": "iwaki", "user": "vm-0001", "password": "",
+             "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
+    v = VirtualNode(fast_env_station(), ident, "/flash/vm1", clock, open_connection, seed=3)
+    task = asyncio.create_task(v.run())
+
+    def kinds():
+        return [t.split("/")[-1] for t, _ in got]
+
+    assert await wait(lambda: kinds().count("telemetry") >= 2 and "health" in kinds(), 15000), kinds()
+    msgs = {}
+    for t, m in got:
+        msgs.setdefault(t.split("/")[-1], []).append(json.loads(m))
+    birth = msgs["birth"][0]
+    assert birth["node"] == "vm-0001" and birth["board"] == "env-station" and birth["boot"] == 1
+    assert birth["config_hash"] == v.node.config_hash and birth["clock_set"] is True
+    assert "temp_c" in birth["channels"] and birth["channels"]["pm25_ugm3"] == {"sensor": "pms5003"}
+    assert msgs["state"][0]["state"] == "online"
+    tel = msgs["telemetry"]
+    assert [m["seq"] for m in tel] == sorted(m["seq"] for m in tel)
+    ch = tel[-1]["ch"]
+    assert ch["temp_c"]["n"] == 1 and -10 < ch["temp_c"]["mean"] < 40, ch  # 1 s window, 1 Hz
+    assert 900 < ch["pressure_hpa"]["mean"] < 1100
+    assert tel[-1]["ts"].endswith("Z") and tel[-1]["v"] == 1
+    h = msgs["health"][0]
+    assert h["sensors"]["bme280"] == {"status": "ok", "errors": 0}, h["sensors"]
+    assert h["heap_free"] > 0 and h["outbox"]["dropped"] == 0
+    # power cut: the broker publishes the last will
+    task.cancel()
+    assert await wait(lambda: any(t.endswith("/state") and b'"lost"' in m for t, m in got), 5000)
+    pacer.cancel()
+    await watcher.disconnect()
+
+
+async def test_river_stage_event_switches_the_node_to_event_mode():
+    got = []
+    watcher = MQTTClient("vm-watch-r", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
+    await watcher.connect(E["broker_host"], E["broker_port"])
+    await watcher.subscribe("iwaki/vm-river/#", 1)
+    p = load_profile("/boards/river-station.json")
+    p["report"].update(window_s=5, health_s=60, max_silence_s=5, event_window_s=1, quiet_s=600)
+    for s in p["sensors"]:
+        if s["kind"] == "adxl345":
+            s["options"]["window_s"] = 10
+    p = check_profile(p)
+    clock = PacedClock()
+    pacer = asyncio.create_task(clock.run())
+    os.mkdir("/flash/vm2")
+    ident = {"node": "vm-river", "root": "iwaki", "user": "vm-river", "password": "",
+             "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
+    v = VirtualNode(p, ident, "/flash/vm2", clock, open_connection, seed=4)
+    task = asyncio.create_task(v.run())
+
+    def events():
+        return [json.loads(m) for t, m in got if t.endswith("/event")]
+
+    # the scenario's storm raises the river past standby and caution
+    assert await wait(lambda: any(e["event"] == "node.event_mode" for e in events()), 30000), events()
+    ranger = [e for e in events() if e["event"] == "river.stage" and e["data"]["sensor"] == "a02yyuw"]
+    assert [e["data"]["stage"] for e in ranger][:2] == ["standby", "caution"], ranger
+    assert [e["severity"] for e in ranger][:2] == ["warning", "warning"]
+    assert {e["data"]["sensor"] for e in events() if e["event"] == "river.stage"} == {"a02yyuw", "level-4-20ma"}
+    assert v.node.event_mode
+    n = len(got)
+    assert await wait(lambda: sum(1 for t, m in got[n:] if t.endswith("/telemetry")) >= 2, 8000)
+    fast = [json.loads(m) for t, m in got[n:] if t.endswith("/telemetry")]
+    assert all(m["reason"] == "event" and m["window"]["s"] == 1 for m in fast), fast
+    task.cancel()
+    pacer.cancel()
+    await watcher.disconnect()
