@@ -38,3 +38,35 @@ class Sensor:
     def where(self):
         a = getattr(self, "address", None)
         return self.KIND if a is None else "%s at 0x%02x" % (self.KIND, a)
+
+
+class UARTSensor(Sensor):
+    """A part that streams frames on a UART by itself (PMS5003, LD2410,
+    A02YYUW): subclasses set _uart and a preallocated _chunk, and parse one
+    byte at a time in _feed(b)."""
+
+    MAX_CHUNKS = 8  # chunks taken per call: the RX FIFO twice over
+
+    def _drain(self):
+        # at begin(): drop whatever is queued (a frame cut by power-up)
+        try:
+            for _ in range(self.MAX_CHUNKS):
+                if not self._uart.readinto(self._chunk):
+                    break
+        except OSError as e:
+            self._fail("UART error (OSError %s)" % e.args[0])
+
+    def _pump(self):
+        # feed every waiting byte to _feed(); False on a UART error (counted)
+        u = self._uart
+        c = self._chunk
+        try:
+            for _ in range(self.MAX_CHUNKS):
+                n = u.readinto(c)
+                if not n:
+                    break
+                for i in range(n):
+                    self._feed(c[i])  # a bound-method local would allocate
+        except OSError:
+            return self._warn()
+        return True

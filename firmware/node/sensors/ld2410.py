@@ -24,7 +24,7 @@ is absent). No frame for more than 2 s: status "warning", errors += 1 once,
 reads False until frames come back.
 """
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import UARTSensor, OK, WARNING
 
 _CHUNK = const(64)
 _MAX_CHUNKS = const(8)  # per read_into: 512 bytes, 20 basic frames
@@ -37,7 +37,7 @@ _HDR = b"\xf4\xf3\xf2\xf1"
 _FTR = b"\xf8\xf7\xf6\xf5"
 
 
-class LD2410:
+class LD2410(UARTSensor):
     KIND = "ld2410"
     CHANNELS = ("presence", "moving_cm", "static_cm")
     SCALES = (1, 1, 1)
@@ -71,14 +71,7 @@ class LD2410:
 
     def begin(self):
         """Drop whatever is queued (a frame cut by power-up); frames then arrive by themselves."""
-        try:
-            for _ in range(_MAX_CHUNKS):
-                if not self._uart.readinto(self._chunk):
-                    break
-        except OSError as e:
-            self._ready = False
-            self.status = FAILED
-            raise SensorError("ld2410: UART error (OSError %s)" % e.args[0])
+        self._drain()
         self._n = 0
         self._bpos = self._bn = 0
         self._fresh = False

@@ -8,14 +8,13 @@ also in ``errors``) and bytes skipped while hunting for a header
 No allocation per read: one chunk buffer and one frame buffer.
 """
 from micropython import const
-from node.sensors import Sensor, OK, WARNING
+from node.sensors import UARTSensor, OK, WARNING
 
 _LEN = const(32)
 _CHUNK = const(64)
-_MAX_CHUNKS = const(8)  # per read_into: 512 bytes, twice the default RX FIFO
 
 
-class PMS5003(Sensor):
+class PMS5003(UARTSensor):
     KIND = "pms5003"
     CHANNELS = ("pm1_ugm3", "pm25_ugm3", "pm10_ugm3")
     SCALES = (1, 1, 1)
@@ -34,12 +33,7 @@ class PMS5003(Sensor):
 
     def begin(self):
         """Drop whatever is queued (a frame cut by power-up); frames then arrive by themselves."""
-        try:
-            for _ in range(_MAX_CHUNKS):
-                if not self._uart.readinto(self._chunk):
-                    break
-        except OSError as e:
-            self._fail("UART error (OSError %s)" % e.args[0])
+        self._drain()
         self._n = 0
         self._fresh = False
         self._ready = True
@@ -51,18 +45,7 @@ class PMS5003(Sensor):
         if not self._ready:
             return False
         bad = self.bad_frames
-        u = self._uart
-        c = self._chunk
-        try:
-            for _ in range(_MAX_CHUNKS):
-                n = u.readinto(c)
-                if not n:
-                    break
-                for i in range(n):
-                    self._feed(c[i])
-        except OSError:
-            self.errors += 1
-            self.status = WARNING
+        if not self._pump():
             return False
         bad = self.bad_frames - bad
         self.errors += bad

@@ -16,7 +16,7 @@ in mm (scale 1000), raise ("river.stage", severity, {"stage", "from",
 """
 from array import array
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import SensorError, UARTSensor, OK, WARNING, FAILED
 
 STAGE_NAMES = ("normal", "standby", "caution", "evacuation", "danger")
 CAUTION = const(2)
@@ -138,12 +138,11 @@ _HDR = const(0xFF)
 _MIN_MM = const(30)  # blind zone
 _MAX_MM = const(4500)
 _CHUNK = const(32)
-_MAX_CHUNKS = const(8)
 _MEDIAN = const(5)  # frames the reported distance is the median of
 _STALE_MS = const(2000)
 
 
-class A02YYUW(RiverLevel):
+class A02YYUW(RiverLevel, UARTSensor):
     """Frames 0xFF, H, L, SUM with SUM = (0xFF + H + L) & 0xFF and distance
     H*256+L mm. Bad frames are counted (``bad_frames``) and skipped, bytes
     outside frames counted in ``skipped``, readings outside 30..4500 mm
@@ -185,14 +184,7 @@ class A02YYUW(RiverLevel):
 
     def begin(self):
         """Drop whatever is queued (a frame cut by power-up)."""
-        try:
-            for _ in range(_MAX_CHUNKS):
-                if not self._uart.readinto(self._chunk):
-                    break
-        except OSError as e:
-            self._ready = False
-            self.status = FAILED
-            raise SensorError("a02yyuw: UART error (OSError %s)" % e.args[0])
+        self._drain()
         self._n = 0
         self._nrecent = 0
         self._fresh = False
@@ -206,18 +198,7 @@ class A02YYUW(RiverLevel):
         if not self._ready:
             return False
         bad = self.bad_frames + self.out_of_range
-        u = self._uart
-        c = self._chunk
-        try:
-            for _ in range(_MAX_CHUNKS):
-                n = u.readinto(c)
-                if not n:
-                    break
-                for i in range(n):
-                    self._feed(c[i])
-        except OSError:
-            self.errors += 1
-            self.status = WARNING
+        if not self._pump():
             return False
         bad = self.bad_frames + self.out_of_range - bad
         self.errors += bad
