@@ -1,9 +1,45 @@
-"""RegisterDevice: an I2C part made of 8-bit registers.
+"""Base parts: RegisterDevice, an I2C part made of 8-bit registers, and
+StreamDevice, a UART part that sends a frame every period by itself.
 
-The first byte written sets the register pointer; further bytes go to
-consecutive registers (or, with WRITE_PAIRS, to register/value pairs as on
-Bosch parts); reads return bytes from the pointer and auto-increment.
+RegisterDevice: the first byte written sets the register pointer; further
+bytes go to consecutive registers (or, with WRITE_PAIRS, to register/value
+pairs as on Bosch parts); reads return bytes from the pointer and
+auto-increment.
 """
+from sim.clock import ticks_diff
+
+
+class StreamDevice:
+    """A UART part that sends one frame every period_ms of the clock
+    (PMS5003, LD2410, A02YYUW). Subclasses build the bytes in uart_poll
+    after asking _due(now) how many frames are due."""
+
+    def __init__(self, clock, period_ms):
+        self.clock = clock
+        self.period_ms = period_ms
+        self.frames_sent = 0
+        self.received = []  # what the firmware wrote
+        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        self._silent = False
+
+    def silence(self, on=True):
+        """Stop sending (a part that hung or lost power) until silence(False)."""
+        self._silent = on
+
+    def uart_tx(self, data):
+        self.received.append(bytes(data))
+
+    def _due(self, now_ms):
+        # frames due since the last poll (0: none, or silent)
+        d = ticks_diff(now_ms, self._next)
+        if d < 0:
+            return 0
+        k = d // self.period_ms + 1
+        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
+        if self._silent:
+            return 0
+        self.frames_sent += k
+        return k
 
 
 class RegisterDevice:

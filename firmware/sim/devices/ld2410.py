@@ -7,7 +7,7 @@ together (at most _BURST of them). ``set()`` changes the target; the fault
 switches apply to the next frame, ``silence()`` until called with False.
 """
 import struct
-from sim.clock import ticks_diff
+from sim.devices.base import StreamDevice
 
 _BURST = 16
 _HDR = b"\xf4\xf3\xf2\xf1"
@@ -35,15 +35,10 @@ def frame(state=0, moving_cm=0, moving_energy=0, static_cm=0, static_energy=0, d
     return _HDR + struct.pack("<H", len(data)) + data + _FTR
 
 
-class LD2410Device:
+class LD2410Device(StreamDevice):
     def __init__(self, clock, period_ms=100):
-        self.clock = clock
-        self.period_ms = period_ms
-        self.frames_sent = 0
-        self.received = []  # what the firmware wrote (commands)
-        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        StreamDevice.__init__(self, clock, period_ms)
         self._eng = False
-        self._silent = False
         self._garbage = None
         self._fault = None
         self._truncate = 0
@@ -101,22 +96,10 @@ class LD2410Device:
     def truncate_next(self, n=12):
         self._truncate = n
 
-    def silence(self, on=True):
-        """Stop sending (a radar that hung or lost power) until silence(False)."""
-        self._silent = on
-
-    def uart_tx(self, data):
-        self.received.append(bytes(data))
-
     def uart_poll(self, now_ms):
-        d = ticks_diff(now_ms, self._next)
-        if d < 0:
+        k = self._due(now_ms)
+        if not k:
             return None
-        k = d // self.period_ms + 1
-        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
-        if self._silent:
-            return None
-        self.frames_sent += k
         if k > _BURST:
             k = _BURST
         if self._garbage is None and self._fault is None and not self._truncate:

@@ -7,7 +7,7 @@ pile up while nobody reads arrive together (at most _BURST of them, as a
 real FIFO would have lost the rest). Faults apply to the next frame.
 """
 import struct
-from sim.clock import ticks_diff
+from sim.devices.base import StreamDevice
 
 _BURST = 16
 
@@ -23,13 +23,9 @@ def frame(pm1, pm25, pm10, cf1=None, counts=None):
     return body + struct.pack(">H", sum(body) & 0xFFFF)
 
 
-class PMS5003Device:
+class PMS5003Device(StreamDevice):
     def __init__(self, clock, pm1=5, pm25=8, pm10=12, period_ms=1000):
-        self.clock = clock
-        self.period_ms = period_ms
-        self.frames_sent = 0
-        self.received = []  # what the firmware wrote
-        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        StreamDevice.__init__(self, clock, period_ms)
         self._buf = bytearray(32 * _BURST)
         mv = memoryview(self._buf)
         self._views = [mv[:32 * (i + 1)] for i in range(_BURST)]
@@ -60,16 +56,10 @@ class PMS5003Device:
     def truncate_next(self, n=20):
         self._truncate = n
 
-    def uart_tx(self, data):
-        self.received.append(bytes(data))
-
     def uart_poll(self, now_ms):
-        d = ticks_diff(now_ms, self._next)
-        if d < 0:
+        k = self._due(now_ms)
+        if not k:
             return None
-        k = d // self.period_ms + 1
-        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
-        self.frames_sent += k
         if k > _BURST:
             k = _BURST
         if self._garbage is None and not self._bad_sum and not self._truncate:

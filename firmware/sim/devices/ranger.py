@@ -7,7 +7,7 @@ changes the distance (any value, so out-of-range answers can be sent);
 the fault switches apply to the next frame; ``silence(True)`` stops the
 part (cut wire). The usual path returns a preallocated view: no allocation.
 """
-from sim.clock import ticks_diff
+from sim.devices.base import StreamDevice
 
 _BURST = 16
 
@@ -18,20 +18,15 @@ def frame(mm):
     return bytes((0xFF, h, l, (0xFF + h + l) & 0xFF))
 
 
-class RangerDevice:
+class RangerDevice(StreamDevice):
     def __init__(self, clock, distance_mm=2000, period_ms=100):
-        self.clock = clock
-        self.period_ms = period_ms
-        self.frames_sent = 0
-        self.received = []
-        self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
+        StreamDevice.__init__(self, clock, period_ms)
         self._buf = bytearray(4 * _BURST)
         mv = memoryview(self._buf)
         self._views = [mv[:4 * (i + 1)] for i in range(_BURST)]
         self._garbage = None
         self._bad_sum = False
         self._spike = None
-        self._silent = False
         self.set(distance_mm)
 
     def set(self, mm):
@@ -52,21 +47,10 @@ class RangerDevice:
         """The next frame reports mm (a stray echo), the ones after it the set distance."""
         self._spike = mm
 
-    def silence(self, on=True):
-        self._silent = on
-
-    def uart_tx(self, data):
-        self.received.append(bytes(data))
-
     def uart_poll(self, now_ms):
-        d = ticks_diff(now_ms, self._next)
-        if d < 0:
+        k = self._due(now_ms)
+        if not k:
             return None
-        k = d // self.period_ms + 1
-        self._next = (self._next + k * self.period_ms) & 0x3FFFFFFF
-        if self._silent:
-            return None
-        self.frames_sent += k
         if k > _BURST:
             k = _BURST
         if self._garbage is None and not self._bad_sum and self._spike is None:
