@@ -40,6 +40,54 @@ class Sensor:
         return self.KIND if a is None else "%s at 0x%02x" % (self.KIND, a)
 
 
+class I2CSensor(Sensor):
+    """A part made of 8-bit registers on I2C: subclasses set _i2c, address
+    and a one-byte _b1 buffer."""
+
+    def _reg(self, reg):
+        self._i2c.readfrom_mem_into(self.address, reg, self._b1)
+        return self._b1[0]
+
+    def _write(self, reg, value):
+        self._b1[0] = value
+        self._i2c.writeto_mem(self.address, reg, self._b1)
+
+
+class EventSource:
+    """A driver that raises events (river stages, earthquakes, EV sessions):
+    a bounded queue the app drains every tick with take_events()."""
+
+    MAX_EVENTS = 16
+    dropped_events = 0
+
+    def _emit(self, name, severity, data):
+        q = self._events
+        if len(q) >= self.MAX_EVENTS:
+            q.pop(0)
+            self.dropped_events += 1
+        q.append((name, severity, data))
+
+    def take_events(self):
+        """Events since the last call, oldest first, or None."""
+        q = self._events
+        if not q:
+            return None
+        self._events = []
+        return q
+
+
+def isqrt(v):
+    """Integer square root of a non-negative int (0 for v <= 0)."""
+    if v <= 0:
+        return 0
+    x = v
+    y = (x + 1) >> 1
+    while y < x:
+        x = y
+        y = (x + v // x) >> 1
+    return x
+
+
 class UARTSensor(Sensor):
     """A part that streams frames on a UART by itself (PMS5003, LD2410,
     A02YYUW): subclasses set _uart and a preallocated _chunk, and parse one

@@ -9,7 +9,7 @@ The part runs in normal mode (x1 oversampling, 1 s standby); a read is one
 """
 import struct
 from micropython import const
-from node.sensors import Sensor, OK
+from node.sensors import I2CSensor, OK
 
 _CHIP_ID = const(0x60)
 _REG_CALIB_TP = const(0x88)  # 26 bytes: dig_T1..dig_P9, dig_H1 at 0xA1
@@ -40,7 +40,7 @@ def _s8(v):
     return v - 256 if v > 127 else v
 
 
-class BME280(Sensor):
+class BME280(I2CSensor):
     KIND = "bme280"
     CHANNELS = ("temp_c", "rh_pct", "pressure_hpa")
     SCALES = (100, 100, 100)  # centi-degC, centi-%RH, Pa
@@ -52,14 +52,6 @@ class BME280(Sensor):
         self._b1 = bytearray(1)
         self._ready = False
         self._tf = 0
-
-    def _reg(self, reg):
-        self._i2c.readfrom_mem_into(self.address, reg, self._b1)
-        return self._b1[0]
-
-    def _write(self, reg, value):
-        self._b1[0] = value
-        self._i2c.writeto_mem(self.address, reg, self._b1)
 
     def _configure(self):
         self._write(_REG_CTRL_HUM, 0x01)  # osrs_h x1; latched by the ctrl_meas write

@@ -43,7 +43,7 @@ conversions are what move its microsecond clock).
 """
 from array import array
 from micropython import const
-from node.sensors import Sensor, OK
+from node.sensors import EventSource, Sensor, isqrt, OK
 
 STATES = "ABCDEF"  # cp_state 1..6
 INVALID = "?"
@@ -56,7 +56,6 @@ _CP_US = const(20)  # target pilot sample interval
 NO_PWM = const(-1)  # DC pilot: 0 % or 100 %
 NO_CHARGING = const(-2)  # a duty that allows no charging
 DIGITAL_COMM = const(-3)  # 3..7 %: digital communication
-_MAX_EVENTS = const(16)
 
 
 def pilot_state(volts):
@@ -112,17 +111,6 @@ def rms(buf, n, offset):
         d = buf[i] - offset
         s += d * d
     return (s / n) ** 0.5 if n else 0.0
-
-
-def _isqrt(x):
-    if x <= 0:
-        return 0
-    r = x
-    y = (r + 1) >> 1
-    while y < r:
-        r = y
-        y = (r + x // r) >> 1
-    return r
 
 
 def _ceil(x):
@@ -186,7 +174,7 @@ class _ADCDriver(Sensor):
         return True
 
 
-class CPPilot(_ADCDriver):
+class CPPilot(_ADCDriver, EventSource):
     """Control pilot through a divider/level shifter on an ADC.
 
     opts: volts_per_count (pilot volts per ADC count), zero_count (count at
@@ -231,7 +219,6 @@ class CPPilot(_ADCDriver):
         self.digital = False  # 3..7 %: digital communication asked for
         self.plateau_count = 0
         self.invalid = 0  # readings between the bands
-        self.events_dropped = 0
         self._events = []
         self._session = False
         self._partial = False
@@ -315,18 +302,6 @@ class CPPilot(_ADCDriver):
         return True
 
     # -- charging sessions and events
-    def take_events(self):
-        ev = self._events
-        if not ev:
-            return None
-        self._events = []
-        return ev
-
-    def _event(self, name, severity, data):
-        if len(self._events) >= _MAX_EVENTS:
-            self._events.pop(0)
-            self.events_dropped += 1
-        self._events.append((name, severity, data))
 
     def _energy(self):
         m = self.meter
@@ -353,9 +328,9 @@ class CPPilot(_ADCDriver):
         if s == prev:
             return
         self.state = s
-        self._event("ev.state", "info", {"from": prev, "to": s})
+        self._emit("ev.state", "info", {"from": prev, "to": s})
         if s == "E" or s == "F":
-            self._event("ev.fault", "warning", {
+            self._emit("ev.fault", "warning", {
                 "state": s, "from": prev,
                 "reason": "pilot shorted or no mains" if s == "E" else "EVSE not available"})
         charging = s == "C" or s == "D"
@@ -377,7 +352,7 @@ class CPPilot(_ADCDriver):
                 "meter_kwh": None if e is None else round(e, 3)}
         if self._partial:
             data["partial"] = True
-        self._event("ev.session_start", "info", data)
+        self._emit("ev.session_start", "info", data)
 
     def _end(self, to):
         e = self._energy()
@@ -394,7 +369,7 @@ class CPPilot(_ADCDriver):
         if self._partial:
             data["partial"] = True
         self._session = False
-        self._event("ev.session_end", "info", data)
+        self._emit("ev.session_end", "info", data)
 
 
 class CTClamp(_ADCDriver):
@@ -482,7 +457,7 @@ class CTClamp(_ADCDriver):
         while ms < 0x4000000 and s < 8:
             ms <<= 2
             s += 1
-        r = _isqrt(ms)
+        r = isqrt(ms)
         if ms - r * r > r:
             r += 1  # round to nearest
         sh = self._shift + s

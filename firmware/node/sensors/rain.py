@@ -15,16 +15,15 @@ with ("rain.heavy", "warning", {...}) on entry and ("rain.heavy", "info",
 from array import array
 from micropython import const
 
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import EventSource, SensorError, OK, WARNING, FAILED
 
 _RING = const(64)  # edges between two reads (a power of two)
 _MASK = const(0x0FFFFFFF)  # edge counter: stays a small int
 _MINUTES = const(60)
 _MINUTE_MS = const(60000)
-_MAX_EVENTS = const(16)
 
 
-class RainGauge:
+class RainGauge(EventSource):
     KIND = "rain_gauge"
     CHANNELS = ("rain_mm",)
     SCALES = (10,)
@@ -161,23 +160,14 @@ class RainGauge:
         h = self.rain_um(_MINUTES)
         if not self.alert and h >= self._alert_on:
             self.alert = True
-            self._emit("warning", h)
+            self._heavy("warning", h)
         elif self.alert and h < self._alert_off:
             self.alert = False
-            self._emit("info", h)
+            self._heavy("info", h)
 
-    def _emit(self, sev, h):
-        if len(self._events) >= _MAX_EVENTS:
-            self._events.pop(0)
-        self._events.append(("rain.heavy", sev, {"rain_1h_mm": h / 1000, "rain_10min_mm": self.rain_um(10) / 1000,
-                                                 "alert_mm_h": self.alert_mm_h}))
-
-    def take_events(self):
-        if not self._events:
-            return None
-        ev = self._events
-        self._events = []
-        return ev
+    def _heavy(self, sev, h):
+        self._emit("rain.heavy", sev, {"rain_1h_mm": h / 1000, "rain_10min_mm": self.rain_um(10) / 1000,
+                                       "alert_mm_h": self.alert_mm_h})
 
     def summary(self):
         """Rolling 10 min and 1 h sums (mm) as aggregates."""

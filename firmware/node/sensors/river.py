@@ -16,13 +16,12 @@ in mm (scale 1000), raise ("river.stage", severity, {"stage", "from",
 """
 from array import array
 from micropython import const
-from node.sensors import SensorError, UARTSensor, OK, WARNING, FAILED
+from node.sensors import EventSource, SensorError, UARTSensor, OK, WARNING, FAILED
 
 STAGE_NAMES = ("normal", "standby", "caution", "evacuation", "danger")
 CAUTION = const(2)
 EVACUATION = const(3)
 _UNSET = const(0x3FFFFFFF)  # a stage the river does not define: never reached
-_MAX_EVENTS = const(16)
 
 
 def _mm(m):
@@ -95,14 +94,13 @@ class Stages:
         return (s, new)
 
 
-class RiverLevel:
+class RiverLevel(EventSource):
     """Stage tracking, events and alert shared by the river level drivers."""
 
     def __init__(self, opts):
         self.stages = Stages(opts.get("stages") or {}, opts.get("hysteresis_m", 0.05))
         self.alert = False
         self._events = []
-        self.dropped_events = 0
 
     @property
     def stage(self):
@@ -117,20 +115,9 @@ class RiverLevel:
             sev = "info"
         else:
             sev = "critical" if new >= EVACUATION else "warning"
-        if len(self._events) >= _MAX_EVENTS:
-            self._events.pop(0)
-            self.dropped_events += 1
-        self._events.append(("river.stage", sev, {"stage": STAGE_NAMES[new], "from": STAGE_NAMES[old],
-                                                  "level_m": mm / 1000}))
+        self._emit("river.stage", sev, {"stage": STAGE_NAMES[new], "from": STAGE_NAMES[old],
+                                        "level_m": mm / 1000})
         self.alert = new >= CAUTION
-
-    def take_events(self):
-        """Stage changes since the last call (oldest first), or None."""
-        if not self._events:
-            return None
-        ev = self._events
-        self._events = []
-        return ev
 
 
 # -- A02YYUW ultrasonic ranger (UART 9600 8N1, ~10 frames/s) ---------------

@@ -5,7 +5,7 @@ the JMA instrumental seismic intensity (計測震度) and PGA computed on the no
 import math
 from array import array
 from micropython import const
-from node.sensors import SensorError, OK, WARNING, FAILED
+from node.sensors import EventSource, I2CSensor, SensorError, isqrt, OK, WARNING
 from node.sensors.jma import (JMA, SCALES_JMA, jma_gain, jma_intensity,  # noqa: F401
                               jma_published, jma_scale, pga, scale_index, G_GAL)
 
@@ -38,22 +38,11 @@ _STALE_MS = const(1000)
 _COUNT_MASK = const(0x0FFFFFFF)
 
 
-def _isqrt(v):
-    if v <= 0:
-        return 0
-    x = v
-    y = (x + 1) >> 1
-    while y < x:
-        x = y
-        y = (x + v // x) >> 1
-    return x
-
-
 def _agg(v):
     return {"n": 1, "min": v, "max": v, "mean": v, "last": v}
 
 
-class ADXL345:
+class ADXL345(I2CSensor, EventSource):
     """3-axis accelerometer read from its 32-entry FIFO (stream mode, 100 Hz).
 
     ``__init__(i2c, clock, opts)``: opts "address" (0x53, or 0x1D), "window_s"
@@ -120,19 +109,6 @@ class ADXL345:
         self.intensity = None  # of the last fast-trigger evaluation (last 10 s)
         self._scale_i = -1
         self._events = []
-
-    def _fail(self, reason):
-        self._ready = False
-        self.status = FAILED
-        raise SensorError("adxl345 at 0x%02x: %s" % (self.address, reason))
-
-    def _reg(self, reg):
-        self._i2c.readfrom_mem_into(self.address, reg, self._b1)
-        return self._b1[0]
-
-    def _write(self, reg, value):
-        self._b1[0] = value
-        self._i2c.writeto_mem(self.address, reg, self._b1)
 
     def _configure(self):
         self._write(_REG_POWER_CTL, 0)  # standby while configuring
@@ -269,7 +245,7 @@ class ADXL345:
                     pass
             return False
         self._last_ms = now
-        out[offset] = (_isqrt(self._peak2 << 4) * _CGAL_Q) >> 8
+        out[offset] = (isqrt(self._peak2 << 4) * _CGAL_Q) >> 8
         self._peak2 = 0
         if self._pending:
             self._pending = False
@@ -325,25 +301,13 @@ class ADXL345:
             si = scale_index(i)
             if not self.alert or si > self._scale_i:
                 sev = "critical" if si >= 6 else "warning"  # 5+ and above
-                self._emit(("earthquake", sev, {"intensity": round(i, 2), "scale": SCALES_JMA[si],
-                                                "pga_gal": round(self._ring_pga(start, n), 1)}))
+                self._emit("earthquake", sev, {"intensity": round(i, 2), "scale": SCALES_JMA[si],
+                                                "pga_gal": round(self._ring_pga(start, n), 1)})
                 self._scale_i = si
             self.alert = True
         elif self.alert:
             self.alert = False
             self._scale_i = -1
-
-    def _emit(self, ev):
-        if len(self._events) >= 16:
-            self._events.pop(0)
-        self._events.append(ev)
-
-    def take_events(self):
-        if not self._events:
-            return None
-        ev = self._events
-        self._events = []
-        return ev
 
     def summary(self):
         """At a window's close: the JMA intensity of the last window_s and the
