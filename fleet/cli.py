@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "receive the nodes' MQTT messages and store them in the registry"),
     "nodes": ("fleet.cli", "add_nodes_arguments", "run_nodes",
               "list the nodes in the registry"),
+    "credentials": ("fleet.cli", "add_credentials_arguments", "run_credentials",
+                    "issue, rotate, revoke and list per-device MQTT accounts"),
+    "broker-config": ("fleet.cli", "add_broker_config_arguments", "run_broker_config",
+                      "write mosquitto's password and ACL files from the registry"),
     # -- demo: written separately in fleet/demo.py (add_arguments(parser), run(args) -> int).
     # -- Imported only when chosen; `fleet demo` says so if the module is not there.
     "demo": ("fleet.demo", "add_arguments", "run",
@@ -48,7 +53,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fleet.ingest import IngestError
     from fleet.mosquitto import BrokerError
     from fleet.schemas import PayloadError
-    return (RegistryError, IngestError, BrokerError, PayloadError, OSError)
+    from fleet.credentials import CredentialError
+    return (CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +149,54 @@ def run_nodes(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(nodes_table(rows), end="")
+    return 0
+
+
+def add_credentials_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("issue", "revoke", "list"),
+                   help="issue: a new account (or --rotate its password); revoke; list")
+    p.add_argument("account", nargs="?", help="account name: the node id, or the fleet's or platform's")
+    p.add_argument("--kind", choices=("node", "fleet", "platform"), default="node",
+                   help="account kind for issue (default node)")
+    p.add_argument("--rotate", action="store_true", help="replace an existing account's password")
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"),
+                   help="who does this, for the audit log (default $USER)")
+
+
+def run_credentials(args: argparse.Namespace) -> int:
+    from fleet import credentials
+    settings = _settings(db=args.db)
+    if args.action != "list" and not args.account:
+        raise UsageError(f"credentials {args.action} needs an account name")
+    with Registry(settings.db) as registry:
+        if args.action == "issue":
+            password = credentials.issue(registry, args.account, args.kind, args.actor, args.rotate)
+            print(f"{args.account}: {password}")
+            print("shown once: give it to the device now; only its hash is kept", file=sys.stderr)
+        elif args.action == "revoke":
+            credentials.revoke(registry, args.account, args.actor)
+            print(f"{args.account}: revoked; run `fleet broker-config` and reload the broker", file=sys.stderr)
+        else:
+            for a in credentials.accounts(registry):
+                state = "revoked " + a["revoked_at"] if a["revoked_at"] else "active"
+                print(f"{a['account']:<32} {a['kind']:<9} {state}")
+    return 0
+
+
+def add_broker_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for the passwd and acl files")
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--root", help="topic root (IWAKI_ROOT, default iwaki)")
+
+
+def run_broker_config(args: argparse.Namespace) -> int:
+    from fleet.credentials import broker_config
+    settings = _settings(db=args.db, root=args.root)
+    with Registry(settings.db, create=False) as registry:
+        passwd, acl = broker_config(registry, args.out, settings.root)
+    print(f"wrote {passwd} and {acl}; mosquitto.conf: password_file {passwd}, acl_file {acl}, "
+          "allow_anonymous false; then reload mosquitto (SIGHUP)")
     return 0
 
 

@@ -96,8 +96,18 @@ def _m001_initial(db: Database) -> None:
                           "size": int, "excerpt": str}, pk="id", not_null=["received_at", "topic", "reason"])
 
 
+def _m002_credentials(db: Database) -> None:
+    # per-device broker accounts (hashes only) and the operators' audit log
+    db["credentials"].create({"account": str, "kind": str, "password_hash": str,
+                              "created_at": str, "revoked_at": str},
+                             pk="account", not_null=["kind", "password_hash", "created_at"])
+    db["audit"].create({"id": int, "at": str, "actor": str, "action": str, "target": str,
+                        "detail": str}, pk="id", not_null=["at", "actor", "action"])
+    db["audit"].create_index(["at"])
+
+
 #: Applied in order; version N is MIGRATIONS[N - 1]. Append only.
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial]
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials]
 
 
 # -- the registry ---------------------------------------------------------------

@@ -35,13 +35,13 @@ def test_new_registry_records_its_migrations_and_reopening_changes_nothing(tmp_p
     path = tmp_path / "sub" / "dir" / "fleet.db"   # parents are created
     with Registry(path) as r:
         first = rows(r, "SELECT version, name FROM migrations")
-        assert first == [{"version": 1, "name": "_m001_initial"}]
+        assert first == [{"version": 1, "name": "_m001_initial"}, {"version": 2, "name": "_m002_credentials"}]
         assert {"nodes", "telemetry", "health", "events", "replies", "seen", "gaps", "invalid"} <= \
             set(r.db.table_names())
         r.ingest(P.NODE, "birth", P.birth(), at(0))
     with Registry(path) as r:
         assert rows(r, "SELECT version, name FROM migrations") == first
-        assert r.version == 1
+        assert r.version == len(MIGRATIONS)
         assert [n["id"] for n in r.nodes()] == [P.NODE]
 
 
@@ -57,16 +57,18 @@ def test_an_older_database_is_upgraded_in_place(tmp_path):
     with Registry(path) as r:
         r.ingest(P.NODE, "telemetry", P.telemetry(), at(0))
 
-    def _m002_node_site(db):
+    def _m_next_node_site(db):
         db["nodes"].add_column("site", str)
 
-    with Registry(path, migrations=MIGRATIONS + [_m002_node_site]) as r:
-        assert [m["version"] for m in rows(r, "SELECT version FROM migrations ORDER BY version")] == [1, 2]
+    n = len(MIGRATIONS)
+    with Registry(path, migrations=MIGRATIONS + [_m_next_node_site]) as r:
+        assert [m["version"] for m in rows(r, "SELECT version FROM migrations ORDER BY version")] == \
+            list(range(1, n + 2))
         node = r.node(P.NODE)
         assert "site" in node and node["site"] is None
         assert r.stats()["telemetry_stored"] == 1          # data kept, not recreated
-    with Registry(path, migrations=MIGRATIONS + [_m002_node_site]) as r:
-        assert r.version == 2                              # applied once only
+    with Registry(path, migrations=MIGRATIONS + [_m_next_node_site]) as r:
+        assert r.version == n + 1                          # applied once only
 
 
 def test_a_failing_migration_leaves_no_trace(tmp_path):
@@ -80,14 +82,14 @@ def test_a_failing_migration_leaves_no_trace(tmp_path):
     with pytest.raises(RegistryError, match="boom"):
         Registry(path, migrations=MIGRATIONS + [_m002_broken])
     with Registry(path) as r:
-        assert r.version == 1
+        assert r.version == len(MIGRATIONS)
         assert "half" not in r.db.table_names()
 
 
 def test_a_database_newer_than_the_code_is_refused(tmp_path):
     path = tmp_path / "fleet.db"
     Registry(path, migrations=MIGRATIONS + [lambda db: None]).close()
-    with pytest.raises(RegistryError, match="schema version 2, newer than this fleet"):
+    with pytest.raises(RegistryError, match=f"schema version {len(MIGRATIONS) + 1}, newer than this fleet"):
         Registry(path)
 
 
