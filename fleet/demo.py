@@ -65,10 +65,10 @@ def demo_profile(board: str, window_s: int) -> dict:
     return check_profile(p)
 
 
-def node_identity(i: int, root: str, broker: Mosquitto, prefix: str = "env") -> dict:
+def node_identity(i: int, root: str, broker: Mosquitto, prefix: str = "env", password: str = "") -> dict:
     node = "%s-%04d" % (prefix, i)
     return {"node": node, "root": root, "broker": {"host": broker.host, "port": broker.port},
-            "user": node, "password": ""}
+            "user": node, "password": password}
 
 
 async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: float | None,
@@ -111,6 +111,7 @@ async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: f
 
 
 def run(args) -> int:
+    from fleet import credentials
     from fleet.ingest import Ingest
     from fleet.registry import Registry
 
@@ -125,9 +126,19 @@ def run(args) -> int:
             print(f"fleet: no board profile {b!r} (boards: {', '.join(BOARDS)})", file=sys.stderr)
             return 2
     profiles = {b: demo_profile(b, args.window_s) for b in boards}
-    broker = Mosquitto(state / "broker").start()
     db = state / "fleet.db"
-    ingest = Ingest(db_path=str(db), host=broker.host, port=broker.port, root=args.root)
+    # as in production: an account per device, hashes only, and the ACL
+    names = ["%s-%04d" % (BOARDS.get(boards[i % len(boards)], "node"), i + 1) for i in range(args.nodes)]
+    with Registry(str(db)) as reg:
+        have = {a["account"] for a in credentials.accounts(reg) if a["revoked_at"] is None}
+        passwords = {n: credentials.issue(reg, n, "node", "demo", rotate=n in have) for n in names}
+        passwords["iwaki-fleet"] = credentials.issue(reg, "iwaki-fleet", "fleet", "demo",
+                                                   rotate="iwaki-fleet" in have)
+        passwd, acl = credentials.broker_config(reg, state / "broker-conf", args.root)
+    broker = Mosquitto(state / "broker", extra_conf=f"password_file {passwd}\nacl_file {acl}\n"
+                                                    "allow_anonymous false\n").start()
+    ingest = Ingest(db_path=str(db), host=broker.host, port=broker.port, root=args.root,
+                    user="iwaki-fleet", password=passwords["iwaki-fleet"])
     ingest.start()
     print(f"demo: broker on {broker.host}:{broker.port}, database {db}", file=sys.stderr)
     print(f"demo: {args.nodes} virtual nodes ({', '.join(boards)}), window {args.window_s} s; "
@@ -144,7 +155,8 @@ def run(args) -> int:
     spec = []
     for i in range(args.nodes):
         b = boards[i % len(boards)]
-        spec.append((profiles[b], node_identity(i + 1, args.root, broker, BOARDS.get(b, "node"))))
+        prefix = BOARDS.get(b, "node")
+        spec.append((profiles[b], node_identity(i + 1, args.root, broker, prefix, passwords[names[i]])))
     t0 = time.monotonic()
     try:
         asyncio.run(run_nodes(spec, state, args.seconds, on_tick=snapshot))
