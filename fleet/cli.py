@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "list the nodes in the registry"),
     "credentials": ("fleet.cli", "add_credentials_arguments", "run_credentials",
                     "issue, rotate, revoke and list per-device MQTT accounts"),
+    "alerts": ("fleet.cli", "add_alerts_arguments", "run_alerts",
+               "list open health alerts, or acknowledge one"),
     "broker-config": ("fleet.cli", "add_broker_config_arguments", "run_broker_config",
                       "write mosquitto's password and ACL files from the registry"),
     # -- demo: written separately in fleet/demo.py (add_arguments(parser), run(args) -> int).
@@ -54,7 +56,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fleet.mosquitto import BrokerError
     from fleet.schemas import PayloadError
     from fleet.credentials import CredentialError
-    return (CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
+    from fleet.health import AlertError
+    return (AlertError, CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +184,41 @@ def run_credentials(args: argparse.Namespace) -> int:
             for a in credentials.accounts(registry):
                 state = "revoked " + a["revoked_at"] if a["revoked_at"] else "active"
                 print(f"{a['account']:<32} {a['kind']:<9} {state}")
+    return 0
+
+
+def add_alerts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=("list", "ack"), default="list",
+                   help="list (default) or ack ALERT_ID")
+    p.add_argument("alert_id", nargs="?", type=int, help="the alert to acknowledge")
+    p.add_argument("--all", action="store_true", help="closed alerts too")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"),
+                   help="who acknowledges, for the audit log (default $USER)")
+
+
+def run_alerts(args: argparse.Namespace) -> int:
+    from fleet import health
+    settings = _settings(db=args.db)
+    with Registry(settings.db, create=False) as registry:
+        if args.action == "ack":
+            if args.alert_id is None:
+                raise UsageError("alerts ack needs an alert id")
+            a = health.acknowledge(registry, args.alert_id, args.actor)
+            print(f"alert {a['id']} ({a['node']} {a['kind']}) acknowledged by {a['acked_by']}")
+            return 0
+        health.evaluate(registry)
+        rows = health.alerts(registry, include_closed=args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("(no alerts)")
+    else:
+        for a in rows:
+            state = "closed" if a["closed_at"] else ("acked" if a["acked_at"] else "OPEN")
+            print(f"{a['id']:>5}  {state:<6}  {a['severity']:<8}  {a['node']:<12}  {a['kind']:<15}  "
+                  f"{a['opened_at']}  {a['message']}")
     return 0
 
 

@@ -288,9 +288,13 @@ class Ingest:
             client.ack(mid, qos)
 
     def _mark_stale(self, registry: Registry) -> None:
+        from fleet.health import evaluate
         try:
             for node in registry.mark_stale(self.settings.offline_after_s):
                 log.info("node %s is offline: not heard for %g s", node, self.settings.offline_after_s)
+            opened, closed = evaluate(registry)
+            if opened or closed:
+                log.info("alerts: %d opened, %d closed", opened, closed)
         except Exception:
             log.exception("could not check for silent nodes")
             self._count("errors")

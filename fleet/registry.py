@@ -106,8 +106,16 @@ def _m002_credentials(db: Database) -> None:
     db["audit"].create_index(["at"])
 
 
+def _m003_alerts(db: Database) -> None:
+    # health alerts (fleet/health.py): open while their condition holds
+    db["alerts"].create({"id": int, "node": str, "kind": str, "severity": str, "message": str,
+                         "opened_at": str, "closed_at": str, "acked_at": str, "acked_by": str},
+                        pk="id", not_null=["node", "kind", "severity", "opened_at"])
+    db["alerts"].create_index(["node", "kind", "closed_at"])
+
+
 #: Applied in order; version N is MIGRATIONS[N - 1]. Append only.
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials]
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials, _m003_alerts]
 
 
 # -- the registry ---------------------------------------------------------------

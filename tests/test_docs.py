@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLI_DOC = (REPO / "docs" / "cli.md").read_text()
 MQTT_DOC = (REPO / "docs" / "mqtt.md").read_text()
 
-COMMANDS = [("fleet", "serve"), ("fleet", "nodes"), ("fleet", "demo"), ("fleet", "credentials"),
+COMMANDS = [("fleet", "serve"), ("fleet", "nodes"), ("fleet", "demo"), ("fleet", "credentials"), ("fleet", "alerts"),
             ("fleet", "broker-config"),
             ("tools.boards", "check"), ("tools.boards", "compile"), ("tools.bench", "sampler"),
             ("tools.bench", "sensors")]
