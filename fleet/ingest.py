@@ -257,7 +257,7 @@ class Ingest:
                         self._queue.task_done()
                 if time.monotonic() >= next_stale:
                     next_stale = time.monotonic() + self.stale_check_s
-                    self._mark_stale(registry)
+                    self._check_health(registry)
         finally:
             registry.close()
 
@@ -287,7 +287,8 @@ class Ingest:
         if client is not None and qos > 0:
             client.ack(mid, qos)
 
-    def _mark_stale(self, registry: Registry) -> None:
+    def _check_health(self, registry: Registry) -> None:
+        # every stale_check_s: silent nodes go offline, alerts open and close
         from fleet.health import evaluate
         try:
             for node in registry.mark_stale(self.settings.offline_after_s):
@@ -296,7 +297,7 @@ class Ingest:
             if opened or closed:
                 log.info("alerts: %d opened, %d closed", opened, closed)
         except Exception:
-            log.exception("could not check for silent nodes")
+            log.exception("could not check for silent nodes and alerts")
             self._count("errors")
 
     def _stop_writer(self) -> None:
