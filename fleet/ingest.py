@@ -69,6 +69,7 @@ class Ingest:
         self._connected = False
         self._stopping = False
         self._last_rx = 0.0
+        self._next_prune = 0.0
 
     @property
     def where(self) -> str:
@@ -296,6 +297,11 @@ class Ingest:
             opened, closed = evaluate(registry)
             if opened or closed:
                 log.info("alerts: %d opened, %d closed", opened, closed)
+            if time.monotonic() >= self._next_prune:
+                self._next_prune = time.monotonic() + 3600
+                pruned = registry.prune(self.settings.retention_days)
+                if pruned:
+                    log.info("retention: deleted %d rows older than %g days", pruned, self.settings.retention_days)
         except Exception:
             log.exception("could not check for silent nodes and alerts")
             self._count("errors")

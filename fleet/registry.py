@@ -260,6 +260,15 @@ class Registry:
             if node is not None:
                 self.db.execute("UPDATE nodes SET invalid = invalid + 1 WHERE id = ?", [node])
 
+    def prune(self, retention_days: float, now: datetime | None = None) -> int:
+        """Delete telemetry and health history older than the retention;
+        nodes, events, alerts, gaps and the audit log are kept. Returns rows deleted."""
+        cut = iso((now or utc_now()) - timedelta(days=retention_days))
+        with self.db.conn:
+            n = self.db.execute("DELETE FROM telemetry WHERE received_at < ?", [cut]).rowcount
+            n += self.db.execute("DELETE FROM health WHERE received_at < ?", [cut]).rowcount
+        return n
+
     def mark_stale(self, offline_after_s: float, now: datetime | None = None) -> list[str]:
         """Turn online nodes not heard within `offline_after_s` offline (reason "timeout").
 

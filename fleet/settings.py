@@ -16,6 +16,7 @@ Tests build a `Settings(...)` directly, or set the environment and call
 | `IWAKI_ROOT` | `root` | `iwaki` |
 | `IWAKI_OFFLINE_AFTER_S` | `offline_after_s` | `180` (heartbeat timeout) |
 | `IWAKI_MAX_PAYLOAD` | `max_payload` | `16384` bytes |
+| `IWAKI_RETENTION_DAYS` | `retention_days` | `90`: telemetry and health older than this are deleted |
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Settings:
     root: str = "iwaki"
     offline_after_s: float = 180.0
     max_payload: int = 16384
+    retention_days: float = 90.0
 
     def __post_init__(self):
         if not 0 < self.mqtt_port < 65536:
@@ -59,6 +61,8 @@ class Settings:
             raise SettingsError(f"offline_after_s must be positive, not {self.offline_after_s}")
         if self.max_payload <= 0:
             raise SettingsError(f"max_payload must be positive, not {self.max_payload}")
+        if self.retention_days <= 0:
+            raise SettingsError(f"retention_days must be positive, not {self.retention_days}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -92,6 +96,7 @@ _ENV = {
     "root": ("IWAKI_ROOT", str),
     "offline_after_s": ("IWAKI_OFFLINE_AFTER_S", float),
     "max_payload": ("IWAKI_MAX_PAYLOAD", int),
+    "retention_days": ("IWAKI_RETENTION_DAYS", float),
 }
 
 

@@ -289,3 +289,17 @@ def test_stats_count_messages(reg):
 def test_times_round_trip():
     assert parse_iso(iso(at(1.5))) == at(1.5)
     assert iso(datetime(2024, 5, 1, 21, 0, tzinfo=timezone(timedelta(hours=9)))) == "2024-05-01T12:00:00.000Z"
+
+
+def test_retention_deletes_old_telemetry_and_health_only(tmp_path):
+    with Registry(tmp_path / "fleet.db") as r:
+        r.ingest(P.NODE, "telemetry", P.telemetry(seq=0), at(0))
+        r.ingest(P.NODE, "health", P.health(seq=1), at(0))
+        r.ingest(P.NODE, "event", P.event(seq=2), at(0))
+        later = at(0) + timedelta(days=100)
+        r.ingest(P.NODE, "telemetry", P.telemetry(seq=3), later)
+        assert r.prune(90, now=later) == 3                 # 2 telemetry rows (channels) + 1 health
+        assert rows(r, "SELECT count(DISTINCT seq) AS n FROM telemetry") == [{"n": 1}]
+        assert rows(r, "SELECT count(*) AS n FROM events") == [{"n": 1}]
+        assert r.node(P.NODE) is not None
+        assert r.prune(90, now=later) == 0
