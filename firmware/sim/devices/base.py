@@ -14,6 +14,9 @@ class StreamDevice:
     (PMS5003, LD2410, A02YYUW). Subclasses build the bytes in uart_poll
     after asking _due(now) how many frames are due."""
 
+    BURST = 16  # frames that piled up while nobody read arrive together, at most this many
+    GARBAGE = b"\x00\x13\xff"  # what inject_garbage() sends by default
+
     def __init__(self, clock, period_ms):
         self.clock = clock
         self.period_ms = period_ms
@@ -21,6 +24,34 @@ class StreamDevice:
         self.received = []  # what the firmware wrote
         self._next = (clock.ticks_ms() + period_ms) & 0x3FFFFFFF
         self._silent = False
+        self._garbage = None
+        self._len = 0
+
+    def _set_frame(self, f):
+        # BURST copies of the current frame, and views of the first k of them,
+        # so an ordinary poll hands out bytes without allocating
+        if len(f) != self._len:
+            self._len = len(f)
+            self._buf = bytearray(len(f) * self.BURST)
+            mv = memoryview(self._buf)
+            self._views = [mv[:self._len * (i + 1)] for i in range(self.BURST)]
+        for k in range(self.BURST):
+            self._buf[self._len * k:self._len * (k + 1)] = f
+
+    def _burst(self, k, first=None):
+        # k frames: the prepared views, or (a fault pending) garbage, then
+        # `first` in place of the first frame, then the rest; faults are one-shot
+        if first is None and self._garbage is None:
+            return self._views[k - 1]
+        L = self._len
+        out = (self._garbage or b"") + bytes(self._buf[:L] if first is None else first) \
+            + bytes(self._buf[L:L * k])
+        self._garbage = None
+        return out
+
+    def inject_garbage(self, data=None):
+        """Stray bytes before the next frame."""
+        self._garbage = bytes(self.GARBAGE if data is None else data)
 
     def silence(self, on=True):
         """Stop sending (a part that hung or lost power) until silence(False)."""
@@ -39,7 +70,7 @@ class StreamDevice:
         if self._silent:
             return 0
         self.frames_sent += k
-        return k
+        return k if k < self.BURST else self.BURST
 
 
 class RegisterDevice:

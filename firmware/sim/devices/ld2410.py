@@ -3,13 +3,12 @@
 Emits a report frame every period_ms of the clock (about 10 Hz, as the
 part does): basic frames by default, engineering frames after
 ``engineering(True)``. Frames that pile up while nobody reads arrive
-together (at most _BURST of them). ``set()`` changes the target; the fault
+together (at most StreamDevice.BURST of them). ``set()`` changes the target; the fault
 switches apply to the next frame, ``silence()`` until called with False.
 """
 import struct
 from sim.devices.base import StreamDevice
 
-_BURST = 16
 _HDR = b"\xf4\xf3\xf2\xf1"
 _FTR = b"\xf8\xf7\xf6\xf5"
 
@@ -36,10 +35,11 @@ def frame(state=0, moving_cm=0, moving_energy=0, static_cm=0, static_energy=0, d
 
 
 class LD2410Device(StreamDevice):
+    GARBAGE = b"\x00\xf4\xf3\x13\xaa\xf8"  # with a half header in it
+
     def __init__(self, clock, period_ms=100):
         StreamDevice.__init__(self, clock, period_ms)
         self._eng = False
-        self._garbage = None
         self._fault = None
         self._truncate = 0
         self.state = NONE
@@ -72,13 +72,7 @@ class LD2410Device(StreamDevice):
                      self.static_energy, self.detect_cm, gates)
 
     def _rebuild(self):
-        # _BURST copies of the current frame, and views of the first k of them,
-        # so an ordinary poll hands out bytes without allocating
-        f = self.frame()
-        self._len = len(f)
-        self._buf = bytearray(f * _BURST)
-        mv = memoryview(self._buf)
-        self._views = [mv[:self._len * (i + 1)] for i in range(_BURST)]
+        self._set_frame(self.frame())
 
     # fault switches, each for the next frame
     def corrupt_footer(self):
@@ -90,9 +84,6 @@ class LD2410Device(StreamDevice):
     def bad_length(self):
         self._fault = "length"
 
-    def inject_garbage(self, data=b"\x00\xf4\xf3\x13\xaa\xf8"):
-        self._garbage = bytes(data)
-
     def truncate_next(self, n=12):
         self._truncate = n
 
@@ -100,10 +91,8 @@ class LD2410Device(StreamDevice):
         k = self._due(now_ms)
         if not k:
             return None
-        if k > _BURST:
-            k = _BURST
-        if self._garbage is None and self._fault is None and not self._truncate:
-            return self._views[k - 1]
+        if self._fault is None and not self._truncate:
+            return self._burst(k)
         L = self._len
         first = bytearray(self._buf[:L])
         if self._fault == "footer":
@@ -114,8 +103,6 @@ class LD2410Device(StreamDevice):
             first[4] = 0xFF
         if self._truncate:
             first = first[:self._truncate]
-        out = (self._garbage or b"") + bytes(first) + bytes(self._buf[L:L * k])
-        self._garbage = None
         self._fault = None
         self._truncate = 0
-        return out
+        return self._burst(k, first)

@@ -2,14 +2,12 @@
 
 Sends a 4-byte frame 0xFF, H, L, SUM (SUM = (0xFF + H + L) & 0xFF, distance
 H*256+L mm) every ``period_ms`` (about 100 ms) of the clock. Frames that
-pile up while nobody reads arrive together (at most _BURST). ``set(mm)``
+pile up while nobody reads arrive together (at most StreamDevice.BURST). ``set(mm)``
 changes the distance (any value, so out-of-range answers can be sent);
 the fault switches apply to the next frame; ``silence(True)`` stops the
 part (cut wire). The usual path returns a preallocated view: no allocation.
 """
 from sim.devices.base import StreamDevice
-
-_BURST = 16
 
 
 def frame(mm):
@@ -19,12 +17,10 @@ def frame(mm):
 
 
 class RangerDevice(StreamDevice):
+    GARBAGE = b"\x00\x13\xff\x12"
+
     def __init__(self, clock, distance_mm=2000, period_ms=100):
         StreamDevice.__init__(self, clock, period_ms)
-        self._buf = bytearray(4 * _BURST)
-        mv = memoryview(self._buf)
-        self._views = [mv[:4 * (i + 1)] for i in range(_BURST)]
-        self._garbage = None
         self._bad_sum = False
         self._spike = None
         self.set(distance_mm)
@@ -32,16 +28,11 @@ class RangerDevice(StreamDevice):
     def set(self, mm):
         """Distance to the water surface (mm) for the frames from now on."""
         self.distance_mm = mm
-        f = frame(mm)
-        for k in range(_BURST):
-            self._buf[4 * k:4 * k + 4] = f
+        self._set_frame(frame(mm))
 
     # fault switches, each for the next frame
     def corrupt_checksum(self):
         self._bad_sum = True
-
-    def inject_garbage(self, data=b"\x00\x13\xff\x12"):
-        self._garbage = bytes(data)
 
     def spike(self, mm):
         """The next frame reports mm (a stray echo), the ones after it the set distance."""
@@ -51,15 +42,11 @@ class RangerDevice(StreamDevice):
         k = self._due(now_ms)
         if not k:
             return None
-        if k > _BURST:
-            k = _BURST
-        if self._garbage is None and not self._bad_sum and self._spike is None:
-            return self._views[k - 1]
+        if not self._bad_sum and self._spike is None:
+            return self._burst(k)
         first = bytearray(frame(self._spike) if self._spike is not None else self._buf[:4])
         if self._bad_sum:
             first[3] ^= 0x5A
-        out = (self._garbage or b"") + bytes(first) + bytes(self._buf[4:4 * k])
-        self._garbage = None
         self._bad_sum = False
         self._spike = None
-        return out
+        return self._burst(k, first)
