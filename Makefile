@@ -1,13 +1,14 @@
 # Two entry points on a fresh machine:  make demo   and   make test
 # Each creates .venv/, installs the pinned Python packages, Debian's mosquitto
-# (when missing) and the pinned MicroPython VM (npm, into node_modules/).
+# (when missing) and the pinned MicroPython VM (npm, into node_modules/);
+# make test also installs Debian's chromium for the dashboard test.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: setup demo test bench clean mosquitto-check node-check
+.PHONY: setup demo test bench clean mosquitto-check node-check chromium-check
 
 setup: $(VENV)/.installed node_modules/.installed mosquitto-check
 
@@ -27,6 +28,10 @@ node_modules/.installed: package.json package-lock.json | node-check
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# the dashboard test drives Debian's chromium headless
+chromium-check:
+	@command -v chromium >/dev/null || $(MAKE) --no-print-directory apt PKGS=chromium
+
 mosquitto-check:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || $(MAKE) --no-print-directory apt PKGS=mosquitto
 
@@ -42,7 +47,7 @@ apt:
 demo: setup
 	$(PY) -m fleet demo $(ARGS)
 
-test: setup
+test: setup chromium-check
 	$(PY) -m pytest $(ARGS)
 
 bench: setup

@@ -114,8 +114,29 @@ def _m003_alerts(db: Database) -> None:
     db["alerts"].create_index(["node", "kind", "closed_at"])
 
 
+def _m004_relay_and_api(db: Database) -> None:
+    # the channels a node announced in its birth ({name: {"sensor": kind}}), for the platform mapping
+    db["nodes"].add_column("channels", str)
+    # the upstream outbox (fleet/relay.py): NGSI-LD entities waiting for the city platform,
+    # written in the same transaction as the message they come from; AUTOINCREMENT so an id
+    # is never reused and delivery order is insertion order
+    db.execute("""CREATE TABLE upstream (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node TEXT NOT NULL, boot INTEGER, seq INTEGER, kind TEXT NOT NULL,
+        entity_id TEXT NOT NULL, entity_type TEXT NOT NULL, body TEXT NOT NULL,
+        created_at TEXT NOT NULL, delivered_at TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT, lease_until TEXT, last_error TEXT)""")
+    db.execute("CREATE INDEX upstream_pending ON upstream (delivered_at, id)")
+    # API bearer tokens (fleet/tokens.py): only a SHA-256 of each token is kept
+    db["api_tokens"].create({"name": str, "role": str, "token_hash": str, "created_at": str,
+                             "created_by": str, "revoked_at": str, "last_used_at": str},
+                            pk="name", not_null=["role", "token_hash", "created_at"])
+    db["api_tokens"].create_index(["token_hash"], unique=True)
+
+
 #: Applied in order; version N is MIGRATIONS[N - 1]. Append only.
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials, _m003_alerts]
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials, _m003_alerts,
+                                                _m004_relay_and_api]
 
 
 # -- the registry ---------------------------------------------------------------
@@ -242,6 +263,7 @@ class Registry:
             elif kind == "birth" and current:
                 changes.update({k: payload[k] for k in ("fw", "board", "chip", "config_hash",
                                                          "boot_count", "reset_cause")})
+                changes["channels"] = json.dumps(payload.get("channels", {}), separators=(",", ":"))
             elif kind == "state" and current:
                 changes.update(state=payload["state"], state_reason=payload.get("reason"), state_at=at)
             if not retained and kind != "state" and row["state"] != "online":
