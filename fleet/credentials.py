@@ -71,7 +71,7 @@ def issue(reg: Registry, account: str, kind: str = "node", actor: str = "cli",
     if row and row["kind"] != kind:
         raise CredentialError(f"{account} is a {row['kind']} account, not {kind}")
     password = secrets.token_urlsafe(24)
-    with reg.db.conn:
+    with reg.transaction():
         reg.db["credentials"].upsert({"account": account, "kind": kind,
                                       "password_hash": hash_password(password),
                                       "created_at": iso(utc_now()), "revoked_at": None}, pk="account")
@@ -84,7 +84,7 @@ def revoke(reg: Registry, account: str, actor: str = "cli") -> None:
     row = next(reg.db["credentials"].rows_where("account = ?", [account]), None)
     if row is None:
         raise CredentialError(f"no account {account!r}")
-    with reg.db.conn:
+    with reg.transaction():
         reg.db["credentials"].update(account, {"revoked_at": iso(utc_now())})
         _audit(reg, actor, "credentials.revoke", account)
 

@@ -77,7 +77,7 @@ def evaluate(reg: Registry, now: datetime | None = None) -> tuple[int, int]:
     now = now or utc_now()
     at = iso(now)
     opened = closed = 0
-    with reg.db.conn:
+    with reg.transaction():  # relay workers evaluate too: one at a time, so no alert opens twice
         open_rows = {(r["node"], r["kind"]): r for r in reg.db["alerts"].rows_where("closed_at IS NULL")}
         for node in reg.nodes():
             held = conditions(reg, node, now)
@@ -108,7 +108,7 @@ def acknowledge(reg: Registry, alert_id: int, who: str) -> dict:
         raise AlertError(f"no alert {alert_id}")
     if row["closed_at"]:
         raise AlertError(f"alert {alert_id} closed at {row['closed_at']}; nothing to acknowledge")
-    with reg.db.conn:
+    with reg.transaction():
         reg.db["alerts"].update(alert_id, {"acked_at": iso(utc_now()), "acked_by": who})
         reg.db["audit"].insert({"at": iso(utc_now()), "actor": who, "action": "alert.ack",
                                 "target": f"{row['node']}/{row['kind']}", "detail": str(alert_id)})

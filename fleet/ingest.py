@@ -17,6 +17,19 @@ thread owns the `Registry` (SQLite connections are per thread), stores every
 message, acknowledges it and turns silent nodes offline (`mark_stale`).
 paho reconnects on its own after a broker restart; the subscriptions are
 renewed at every connect.
+
+Throughput: the writer takes what is queued (up to `BATCH` messages) and
+stores it in one transaction, one commit and one fsync, then acknowledges
+every message of the batch. A message that fails alone is undone alone
+(a savepoint) and left unacknowledged.
+
+Relay: when a platform target is configured (`settings.relays`), each
+stored message's NGSI-LD entities (`fleet.ngsi.entities`) enter the
+upstream outbox in the same transaction, and `after_commit` (the relay's
+`wake`) is called after each commit. With `settings.share_group`, the
+sequenced kinds (telemetry, health, events, replies) are subscribed as
+`$share/<group>/...`, so the broker spreads them over every worker of the
+group; births and states (retained, and rare) go to every worker.
 """
 from __future__ import annotations
 
@@ -30,13 +43,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.registry import Registry
-from fleet.schemas import PayloadError, parse, subscriptions
+from fleet.schemas import NODE_KINDS, SEQ_KINDS, PayloadError, parse, subscriptions
 from fleet.settings import Settings, get_settings
 
 log = logging.getLogger("fleet.ingest")
 
 _STOP = object()
 COUNTERS = ("received", "stored", "duplicates", "invalid", "errors", "connects", "disconnects")
+#: Most messages stored in one transaction.
+BATCH = 500
 
 
 class IngestError(Exception):
@@ -70,6 +85,19 @@ class Ingest:
         self._stopping = False
         self._last_rx = 0.0
         self._next_prune = 0.0
+        self.after_commit = None
+        self._upstream = None
+        if self.settings.relays:
+            from fleet.ngsi import entities
+            self._upstream = entities
+
+    def topics(self) -> list[str]:
+        """The topic filters this worker subscribes to (shared ones under a share group)."""
+        group = self.settings.share_group
+        out = []
+        for topic, kind in zip(subscriptions(self.settings.root), NODE_KINDS):
+            out.append(f"$share/{group}/{topic}" if group and kind in SEQ_KINDS else topic)
+        return out
 
     @property
     def where(self) -> str:
@@ -203,7 +231,7 @@ class Ingest:
         self._connack_reason = None
         self._connected = True
         self._count("connects")
-        client.subscribe([(topic, 1) for topic in subscriptions(self.settings.root)])
+        client.subscribe([(topic, 1) for topic in self.topics()])
         log.info("connected to %s as %s (session %s)", self.where, self.settings.client_id,
                  "resumed" if flags.session_present else "new")
         self._connack.set()
@@ -217,7 +245,7 @@ class Ingest:
         log.warning("lost the broker at %s (%s); reconnecting", self.where, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        for topic, code in zip(subscriptions(self.settings.root), reason_codes):
+        for topic, code in zip(self.topics(), reason_codes):
             if code.is_failure:
                 log.error("broker %s refused the subscription to %s: %s (check its ACL)", self.where, topic, code)
 
@@ -252,36 +280,80 @@ class Ingest:
                     self._queue.task_done()
                     break
                 if item is not None:
+                    items = [item]
+                    while len(items) < BATCH:
+                        try:
+                            more = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is _STOP:
+                            self._queue.put(_STOP)  # after this batch
+                            self._queue.task_done()
+                            break
+                        items.append(more)
                     try:
-                        self._handle(registry, *item)
+                        self._store_batch(registry, items)
                     finally:
-                        self._queue.task_done()
+                        for _ in items:
+                            self._queue.task_done()
                 if time.monotonic() >= next_stale:
                     next_stale = time.monotonic() + self.stale_check_s
                     self._check_health(registry)
         finally:
             registry.close()
 
-    def _handle(self, registry: Registry, topic: str, payload: bytes, retained: bool, mid: int, qos: int,
-                received_at: datetime) -> None:
+    def _store_batch(self, registry: Registry, items: list[tuple]) -> None:
+        """Store `items` in one transaction; acknowledge those stored once it is committed.
+        Parsing and validation happen before the transaction, so the write lock is held
+        only for the writes."""
         s = self.settings
-        try:
+        parsed = []
+        for topic, payload, retained, mid, qos, received_at in items:
             try:
-                node, kind, data = parse(topic, payload, s.root, s.max_payload)
+                parsed.append((topic, payload, retained, mid, qos, received_at,
+                               parse(topic, payload, s.root, s.max_payload)))
             except PayloadError as exc:
                 log.warning("invalid payload on %s: %s", topic, exc.reason)
-                registry.record_invalid(topic, exc.reason, payload, node=exc.node, received_at=received_at)
-                self._count("invalid")
-            else:
-                result = registry.ingest(node, kind, data, received_at, retained=retained)
-                self._count("stored" if result == "stored" else "duplicates")
+                parsed.append((topic, payload, retained, mid, qos, received_at, exc))
+        acks = []
+        outcomes = dict.fromkeys(("stored", "duplicates", "invalid", "errors"), 0)
+        try:
+            with registry.batch():
+                for item in parsed:
+                    outcome = self._store(registry, *item)
+                    outcomes[outcome] += 1
+                    if outcome != "errors":
+                        acks.append(item[3:5])
         except Exception:
-            # A bug or a registry failure (disk full...): not acknowledged, so the
-            # broker sends it again after the next reconnect.
-            log.exception("could not store the message on %s", topic)
-            self._count("errors")
+            # the commit failed (disk full...): nothing of the batch is acknowledged,
+            # so the broker sends it all again after the next reconnect
+            log.exception("could not commit a batch of %d messages", len(items))
+            self._count("errors", len(items))
             return
-        self._ack(mid, qos)
+        with self._lock:
+            for name, n in outcomes.items():
+                self.counters[name] += n
+        for mid, qos in acks:
+            self._ack(mid, qos)
+        if outcomes["stored"] and self.after_commit is not None:
+            self.after_commit()
+
+    def _store(self, registry: Registry, topic: str, payload: bytes, retained: bool, mid: int, qos: int,
+               received_at: datetime, parsed) -> str:
+        """Store one parsed message, or record it as invalid (inside the writer's batch);
+        return the counter it goes to."""
+        try:
+            if isinstance(parsed, PayloadError):
+                registry.record_invalid(topic, parsed.reason, payload, node=parsed.node, received_at=received_at)
+                return "invalid"
+            node, kind, data = parsed
+            result = registry.ingest(node, kind, data, received_at, retained=retained, upstream=self._upstream)
+            return "stored" if result == "stored" else "duplicates"
+        except Exception:
+            # A bug or a registry failure: not acknowledged, so the broker
+            # sends it again after the next reconnect.
+            log.exception("could not store the message on %s", topic)
+            return "errors"
 
     def _ack(self, mid: int, qos: int) -> None:
         client = self._client
@@ -314,6 +386,6 @@ class Ingest:
         self._writer_ready.clear()
         self._writer_error = None
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            self.counters[name] += 1
+            self.counters[name] += n

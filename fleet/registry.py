@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,6 +33,17 @@ log = logging.getLogger("fleet.registry")
 
 _EXCERPT_CHARS = 200
 _BUSY_TIMEOUT_MS = 5000
+# One write lock per registry file and process, taken before SQLite's: threads of one
+# process (the ingest writer, the relay, the API) then queue for it in turn, where
+# SQLite's busy handler alone lets a writer that commits back to back starve the others.
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _file_lock(path: Path | None) -> threading.Lock:
+    key = str(path.resolve()) if path is not None else f"memory-{threading.get_ident()}"
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
 
 
 class RegistryError(Exception):
@@ -124,9 +136,10 @@ def _m004_relay_and_api(db: Database) -> None:
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         node TEXT NOT NULL, boot INTEGER, seq INTEGER, kind TEXT NOT NULL,
         entity_id TEXT NOT NULL, entity_type TEXT NOT NULL, body TEXT NOT NULL,
-        created_at TEXT NOT NULL, delivered_at TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL, delivered_at TEXT, failed_at TEXT, attempts INTEGER NOT NULL DEFAULT 0,
         lease_owner TEXT, lease_until TEXT, last_error TEXT)""")
-    db.execute("CREATE INDEX upstream_pending ON upstream (delivered_at, id)")
+    db.execute("CREATE INDEX upstream_pending ON upstream (id) WHERE delivered_at IS NULL AND failed_at IS NULL")
+    db.execute("CREATE INDEX upstream_delivered ON upstream (delivered_at) WHERE delivered_at IS NOT NULL")
     # API bearer tokens (fleet/tokens.py): only a SHA-256 of each token is kept
     db["api_tokens"].create({"name": str, "role": str, "token_hash": str, "created_at": str,
                              "created_by": str, "revoked_at": str, "last_used_at": str},
@@ -147,6 +160,8 @@ class Registry:
     def __init__(self, path: str | Path, *, create: bool = True,
                  migrations: list[Callable[[Database], None]] | None = None):
         self.path = Path(path) if str(path) != ":memory:" else None
+        self._in_batch = False
+        self._lock = _file_lock(self.path)
         self.migrations = MIGRATIONS if migrations is None else migrations
         where = str(path)
         if self.path is not None and not self.path.exists() and not create:
@@ -209,14 +224,51 @@ class Registry:
     @contextlib.contextmanager
     def _write(self):
         """One write transaction, taking the write lock at once (BEGIN IMMEDIATE), so two
-        writers wait for each other (busy timeout) instead of failing on a lock upgrade."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.rollback()
-            raise
-        else:
+        writers wait for each other (busy timeout) instead of failing on a lock upgrade.
+        Inside `batch()` it is a savepoint instead: it undoes only its own part on error."""
+        if self._in_batch:
+            self.db.execute("SAVEPOINT one")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO one")
+                self.db.execute("RELEASE one")
+                raise
+            else:
+                self.db.execute("RELEASE one")
+            return
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.rollback()
+                raise
+            else:
+                self.db.commit()
+
+    def transaction(self):
+        """A write transaction for code outside the registry (`with registry.transaction(): ...`):
+        it holds the write lock from the start, so read-then-write is safe across processes."""
+        return self._write()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Many writes in one transaction (one commit, one fsync): the ingest writer stores
+        a burst of messages this way and acknowledges them after the commit. A write that
+        fails inside is undone alone (a savepoint) and its exception propagates to its caller."""
+        if self._in_batch:
+            raise RegistryError("batches do not nest")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._in_batch = True
+            try:
+                yield self
+            except BaseException:
+                self._in_batch = False
+                self.db.rollback()
+                raise
+            self._in_batch = False
             self.db.commit()
 
     @property
@@ -226,7 +278,8 @@ class Registry:
     # -- writes --
 
     def ingest(self, node: str, kind: str, payload: dict, received_at: datetime | None = None,
-               retained: bool = False) -> str:
+               retained: bool = False, upstream: Callable[[dict, str, dict, str], list[dict]] | None = None
+               ) -> str:
         """Store one validated message; return "stored" or "duplicate".
 
         Telemetry, health, events and replies are de-duplicated by
@@ -234,6 +287,12 @@ class Registry:
         as the insert. `retained` marks a message the broker replayed (a
         retained birth or state): it updates identity and state but is no
         proof that the node is alive now, so `last_seen` stays.
+
+        `upstream(node_row, kind, payload, received_at)` (the platform
+        mapping, `fleet.ngsi.entities`) gives the entities to deliver for a
+        stored message; they enter the upstream outbox in the same
+        transaction, so a message is stored and queued for the platform, or
+        neither. Duplicates and replayed retained messages queue nothing.
         """
         if kind not in NODE_KINDS:
             raise RegistryError(f"unknown message kind {kind!r}")
@@ -249,7 +308,9 @@ class Registry:
             if newer_boot:
                 changes.update(boot=boot, last_seq=None)
             if kind in SEQ_KINDS:
-                highest = self._highest_seq(node, boot)
+                # the node row knows the highest seq of its current boot; older boots are looked up
+                highest = (None if newer_boot else row["last_seq"] if current and row["last_seq"] is not None
+                           else self._highest_seq(node, boot))
                 if not self._mark_seen(node, boot, seq, kind, at):
                     self._update_node(node, {"duplicates": row["duplicates"] + 1})
                     return "duplicate"
@@ -269,6 +330,8 @@ class Registry:
             if not retained and kind != "state" and row["state"] != "online":
                 changes.update(state="online", state_reason="heard", state_at=at)
             self._update_node(node, changes)
+            if upstream is not None and not retained:
+                self._enqueue(upstream({**row, **changes}, kind, payload, at), node, kind, payload, at)
         return "stored"
 
     def record_invalid(self, topic: str, reason: str, payload: bytes, node: str | None = None,
@@ -283,12 +346,16 @@ class Registry:
                 self.db.execute("UPDATE nodes SET invalid = invalid + 1 WHERE id = ?", [node])
 
     def prune(self, retention_days: float, now: datetime | None = None) -> int:
-        """Delete telemetry and health history older than the retention;
-        nodes, events, alerts, gaps and the audit log are kept. Returns rows deleted."""
-        cut = iso((now or utc_now()) - timedelta(days=retention_days))
-        with self.db.conn:
+        """Delete telemetry and health history older than the retention, and deliveries the
+        platform took more than a day ago (or the retention, if shorter); nodes, events,
+        alerts, gaps, refused deliveries and the audit log are kept. Returns rows deleted."""
+        now = now or utc_now()
+        cut = iso(now - timedelta(days=retention_days))
+        delivered_cut = iso(now - timedelta(days=min(retention_days, 1.0)))
+        with self._write():
             n = self.db.execute("DELETE FROM telemetry WHERE received_at < ?", [cut]).rowcount
             n += self.db.execute("DELETE FROM health WHERE received_at < ?", [cut]).rowcount
+            n += self.db.execute("DELETE FROM upstream WHERE delivered_at < ?", [delivered_cut]).rowcount
         return n
 
     def mark_stale(self, offline_after_s: float, now: datetime | None = None) -> list[str]:
@@ -307,6 +374,73 @@ class Registry:
             for node in ids:
                 self._update_node(node, {"state": "offline", "state_reason": "timeout", "state_at": iso(now)})
         return ids
+
+    # -- the upstream outbox (fleet/relay.py delivers it) --
+
+    def _enqueue(self, entities: list[dict], node: str, kind: str, payload: dict, at: str) -> None:
+        self._insert_many("upstream", [
+            {"node": node, "boot": payload.get("boot"), "seq": payload.get("seq"), "kind": kind,
+             "entity_id": e["id"], "entity_type": e["type"],
+             "body": json.dumps(e, separators=(",", ":"), ensure_ascii=False), "created_at": at}
+            for e in entities])
+
+    def claim_upstream(self, worker: str, limit: int, lease_s: float, now: datetime | None = None) -> list[dict]:
+        """The oldest `limit` pending deliveries, leased to `worker` for `lease_s` seconds.
+
+        A row leased to another worker is skipped until its lease runs out (that
+        worker died), then taken over; rows this worker already holds come back
+        first, so a failed batch is retried before anything newer.
+        """
+        now = now or utc_now()
+        until = iso(now + timedelta(seconds=lease_s))
+        with self._write():
+            rows = list(self.db.query(
+                "SELECT id, node, boot, seq, kind, entity_id, entity_type, body, attempts FROM upstream "
+                "WHERE delivered_at IS NULL AND failed_at IS NULL "
+                "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?) ORDER BY id LIMIT ?",
+                [worker, iso(now), limit]))
+            if rows:
+                self.db.execute(
+                    f"UPDATE upstream SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
+                    f"WHERE id IN ({','.join('?' * len(rows))})", [worker, until, *[r["id"] for r in rows]])
+        return rows
+
+    def finish_upstream(self, worker: str, delivered: list[int], failed: dict[int, str] | None = None,
+                        error: str | None = None, now: datetime | None = None) -> None:
+        """Record a delivery attempt: `delivered` ids are done; `failed` ids ({id: reason}) were
+        refused by the platform for good and leave the queue (kept, counted, visible); on
+        `error` (platform unreachable) the rest keep their lease and are retried first."""
+        at = iso(now or utc_now())
+        with self._write():
+            for chunk in _chunks(delivered, 500):
+                self.db.execute(f"UPDATE upstream SET delivered_at = ?, lease_owner = NULL, lease_until = NULL, "
+                                f"last_error = NULL WHERE id IN ({','.join('?' * len(chunk))})", [at, *chunk])
+            for rid, reason in (failed or {}).items():
+                self.db.execute("UPDATE upstream SET failed_at = ?, last_error = ?, lease_owner = NULL, "
+                                "lease_until = NULL WHERE id = ?", [at, reason[:500], rid])
+            if error:
+                self.db.execute("UPDATE upstream SET last_error = ? WHERE lease_owner = ? AND delivered_at IS NULL",
+                                [error[:500], worker])
+
+    def release_upstream(self, worker: str) -> None:
+        """Give back `worker`'s leases (a clean stop), so another worker takes them at once."""
+        with self._write():
+            self.db.execute("UPDATE upstream SET lease_owner = NULL, lease_until = NULL "
+                            "WHERE lease_owner = ? AND delivered_at IS NULL", [worker])
+
+    def upstream_backlog(self) -> int:
+        """Deliveries waiting for the platform."""
+        return self.db.execute("SELECT count(*) FROM upstream WHERE delivered_at IS NULL AND failed_at IS NULL"
+                               ).fetchone()[0]
+
+    def upstream_stats(self) -> dict:
+        """{"backlog", "delivered", "failed", "oldest_pending"}: the outbox at a glance."""
+        row = self.db.execute(
+            "SELECT (SELECT count(*) FROM upstream WHERE delivered_at IS NULL AND failed_at IS NULL), "
+            "(SELECT count(*) FROM upstream WHERE delivered_at IS NOT NULL), "
+            "(SELECT count(*) FROM upstream WHERE failed_at IS NOT NULL), "
+            "(SELECT min(created_at) FROM upstream WHERE delivered_at IS NULL AND failed_at IS NULL)").fetchone()
+        return dict(zip(("backlog", "delivered", "failed", "oldest_pending"), row))
 
     # -- reads --
 
@@ -343,32 +477,50 @@ class Registry:
 
     # -- internals --
 
+    # The message path below uses the sqlite3 connection directly: sqlite-utils'
+    # conveniences look the table up on every call, which cost more than the writes.
+
     def _node_row(self, node: str, at: str) -> dict:
-        row = self.node(node)
+        cur = self.db.conn.execute("SELECT * FROM nodes WHERE id = ?", [node])
+        row = cur.fetchone()
         if row is None:
-            self.db["nodes"].insert({"id": node, "state": "unknown", "first_seen": at})
-            row = self.node(node)
+            self._insert("nodes", {"id": node, "state": "unknown", "first_seen": at, "gaps": 0, "duplicates": 0,
+                                   "invalid": 0})
             log.info("new node %s", node)
-        return row
+            cur = self.db.conn.execute("SELECT * FROM nodes WHERE id = ?", [node])
+            row = cur.fetchone()
+        return dict(zip((c[0] for c in cur.description), row))
+
+    def _insert(self, table: str, row: dict) -> None:
+        self.db.conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             list(row.values()))
+
+    def _insert_many(self, table: str, rows: list[dict]) -> None:
+        if rows:
+            cols = list(rows[0])
+            self.db.conn.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                     [[r[c] for c in cols] for r in rows])
 
     def _update_node(self, node: str, changes: dict) -> None:
         if changes:
-            self.db["nodes"].update(node, changes)
+            self.db.conn.execute(f"UPDATE nodes SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
+                                 [*changes.values(), node])
 
     def _highest_seq(self, node: str, boot: int) -> int | None:
-        return self.db.execute("SELECT max(seq) FROM seen WHERE node = ? AND boot = ?", [node, boot]).fetchone()[0]
+        return self.db.conn.execute("SELECT max(seq) FROM seen WHERE node = ? AND boot = ?",
+                                    [node, boot]).fetchone()[0]
 
     def _mark_seen(self, node: str, boot: int, seq: int, kind: str, at: str) -> bool:
-        cur = self.db.execute("INSERT OR IGNORE INTO seen (node, boot, seq, kind, received_at) "
-                              "VALUES (?, ?, ?, ?, ?)", [node, boot, seq, kind, at])
+        cur = self.db.conn.execute("INSERT OR IGNORE INTO seen (node, boot, seq, kind, received_at) "
+                                   "VALUES (?, ?, ?, ?, ?)", [node, boot, seq, kind, at])
         return cur.rowcount == 1
 
     def _track_gaps(self, node: str, boot: int, seq: int, highest: int | None, at: str) -> int:
         """Record or fill a gap; return the change in the number of missing messages."""
         expected = 0 if highest is None else highest + 1
         if seq > expected:
-            self.db["gaps"].insert({"node": node, "boot": boot, "from_seq": expected, "to_seq": seq - 1,
-                                    "detected_at": at})
+            self._insert("gaps", {"node": node, "boot": boot, "from_seq": expected, "to_seq": seq - 1,
+                                  "detected_at": at})
             log.warning("gap: %s boot %d is missing seq %d..%d", node, boot, expected, seq - 1)
             return seq - expected
         if seq == expected:
@@ -395,13 +547,13 @@ class Registry:
     def _store_telemetry(self, node: str, p: dict, at: str) -> None:
         common = {"node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
                   "clock_set": int(p["clock_set"])}
-        self.db["telemetry"].insert_all(
+        self._insert_many("telemetry", [
             {**common, "channel": name, "n": agg["n"], "min": agg["min"], "max": agg["max"],
              "mean": agg["mean"], "last": agg["last"], "sum": agg.get("sum")}
-            for name, agg in p["ch"].items())
+            for name, agg in p["ch"].items()])
 
     def _store_health(self, node: str, p: dict, at: str) -> None:
-        self.db["health"].insert({
+        self._insert("health", {
             "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
             "heap_free": p["heap_free"], "lag_max_ms": p["loop"]["lag_max_ms"],
             "overruns": p["loop"]["overruns"], "outbox_depth": p["outbox"]["depth"],
@@ -409,16 +561,21 @@ class Registry:
             "payload": json.dumps(p, separators=(",", ":"))})
 
     def _store_event(self, node: str, p: dict, at: str) -> None:
-        self.db["events"].insert({
+        self._insert("events", {
             "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
             "event": p["event"], "severity": p["severity"],
             "data": json.dumps(p.get("data", {}), separators=(",", ":"))})
 
     def _store_reply(self, node: str, p: dict, at: str) -> None:
-        self.db["replies"].insert({
+        self._insert("replies", {
             "node": node, "boot": p["boot"], "seq": p["seq"], "ts": p["ts"], "received_at": at,
             "cmd_id": p["id"], "ok": int(p["ok"]),
             "result": json.dumps(p["result"]) if "result" in p else None, "error": p.get("error")})
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 def _why(exc: BaseException) -> str:

@@ -17,6 +17,14 @@ Tests build a `Settings(...)` directly, or set the environment and call
 | `IWAKI_OFFLINE_AFTER_S` | `offline_after_s` | `180` (heartbeat timeout) |
 | `IWAKI_MAX_PAYLOAD` | `max_payload` | `16384` bytes |
 | `IWAKI_RETENTION_DAYS` | `retention_days` | `90`: telemetry and health older than this are deleted |
+| `IWAKI_UPSTREAM_MQTT` | `upstream_mqtt` | none: the platform's MQTT broker, `mqtt://[user:password@]host[:port][/topic/prefix]` |
+| `IWAKI_UPSTREAM_HTTP` | `upstream_http` | none: the platform's NGSI-LD broker, `http(s)://host[:port][/base]` |
+| `IWAKI_UPSTREAM_TOKEN` | `upstream_token` | none: bearer token for the NGSI-LD broker |
+| `IWAKI_SHARE_GROUP` | `share_group` | none: relay workers with the same group share the nodes' messages (`$share/<group>/...`) |
+| `IWAKI_API_HOST` | `api_host` | `127.0.0.1` |
+| `IWAKI_API_PORT` | `api_port` | `8080` (0: no API) |
+
+With neither upstream set, nothing is queued for the platform.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -44,6 +53,12 @@ class Settings:
     offline_after_s: float = 180.0
     max_payload: int = 16384
     retention_days: float = 90.0
+    upstream_mqtt: str | None = None
+    upstream_http: str | None = None
+    upstream_token: str | None = None
+    share_group: str | None = None
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
 
     def __post_init__(self):
         if not 0 < self.mqtt_port < 65536:
@@ -63,6 +78,19 @@ class Settings:
             raise SettingsError(f"max_payload must be positive, not {self.max_payload}")
         if self.retention_days <= 0:
             raise SettingsError(f"retention_days must be positive, not {self.retention_days}")
+        if self.upstream_mqtt:
+            _check_url("IWAKI_UPSTREAM_MQTT", self.upstream_mqtt, ("mqtt",))
+        if self.upstream_http:
+            _check_url("IWAKI_UPSTREAM_HTTP", self.upstream_http, ("http", "https"))
+        if self.share_group is not None and not _GROUP_RE.match(self.share_group):
+            raise SettingsError(f"share group {self.share_group!r} must be 1 to 64 of [A-Za-z0-9_-]")
+        if not 0 <= self.api_port < 65536:
+            raise SettingsError(f"API port {self.api_port} is not between 0 (no API) and 65535")
+
+    @property
+    def relays(self) -> bool:
+        """True when a platform target is configured (messages are queued for it)."""
+        return bool(self.upstream_mqtt or self.upstream_http)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -85,6 +113,19 @@ class Settings:
 
 
 _ROOT_RE = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_url(var: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"{var}={url!r}: the port is not a number between 0 and 65535") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise SettingsError(f"{var}={url!r} must look like {schemes[0]}://host[:port]/...")
+    if port == 0:
+        raise SettingsError(f"{var}={url!r}: port 0 is not a port")
 
 _ENV = {
     "db": ("IWAKI_DB", str),
@@ -97,6 +138,12 @@ _ENV = {
     "offline_after_s": ("IWAKI_OFFLINE_AFTER_S", float),
     "max_payload": ("IWAKI_MAX_PAYLOAD", int),
     "retention_days": ("IWAKI_RETENTION_DAYS", float),
+    "upstream_mqtt": ("IWAKI_UPSTREAM_MQTT", str),
+    "upstream_http": ("IWAKI_UPSTREAM_HTTP", str),
+    "upstream_token": ("IWAKI_UPSTREAM_TOKEN", str),
+    "share_group": ("IWAKI_SHARE_GROUP", str),
+    "api_host": ("IWAKI_API_HOST", str),
+    "api_port": ("IWAKI_API_PORT", int),
 }
 
 

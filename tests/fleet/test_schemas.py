@@ -161,3 +161,50 @@ def test_validate_refuses_an_unknown_kind():
 def test_reasons_are_json_safe_strings():
     e = refused(P.topic("state"), b"\x00\x01")
     assert json.loads(json.dumps(e.reason)) == e.reason
+
+
+def test_the_fast_validator_agrees_with_jsonschema_on_every_mutation_of_every_kind():
+    """The message path validates with fastjsonschema first; it must accept and refuse exactly
+    what jsonschema does. Every field of every valid payload is dropped, nulled, and given a
+    value of each other JSON type."""
+    import copy
+    import fastjsonschema
+    from fleet.schemas import _fast_validators, _validators
+
+    def paths(value, prefix=()):
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                yield prefix + (key,)
+                yield from paths(sub, prefix + (key,))
+
+    def mutated(payload, path, new):
+        out = copy.deepcopy(payload)
+        target = out
+        for key in path[:-1]:
+            target = target[key]
+        if new is _DROP:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = new
+        return out
+
+    checked = disagreements = 0
+    for kind, build in P.VALID.items():
+        base = build()
+        for path in paths(base):
+            for new in (_DROP, None, True, -1, 1.5, "x", [], {}, "9" * 300):
+                payload = mutated(base, path, new)
+                slow_ok = _validators()[kind].is_valid(payload)
+                try:
+                    _fast_validators()[kind](payload)
+                    fast_ok = True
+                except fastjsonschema.JsonSchemaException:
+                    fast_ok = False
+                checked += 1
+                if slow_ok != fast_ok:
+                    disagreements += 1
+                    print(kind, path, repr(new)[:20], "jsonschema", slow_ok, "fast", fast_ok)
+    assert checked > 500 and disagreements == 0
+
+
+_DROP = object()

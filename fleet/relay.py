@@ -1,0 +1,323 @@
+"""Relay: deliver the upstream outbox to the city data platform, at least once, in order.
+
+    relay = Relay(settings)     # settings.upstream_mqtt and/or settings.upstream_http
+    relay.start()
+    ...
+    relay.stop()
+
+The ingest writer puts the NGSI-LD entities of every stored message
+(`fleet.ngsi.entities`) into the `upstream` table in the same transaction
+as the message. This module takes them out again:
+
+- A worker claims the oldest pending rows (a lease in the registry, so
+  several relay processes on the same registry never deliver the same row
+  at the same time, and a killed worker's rows are taken over when its
+  lease runs out), delivers them to every configured target, and marks
+  them delivered. Order is the outbox's order within each worker.
+- Platform down: the batch keeps its lease and is retried first, with a
+  growing pause (0.5 s to 15 s); newer rows wait behind it on disk.
+  Nothing is dropped, and the backlog shows in `backlog()`, the API and
+  `/metrics`.
+- At least once: a batch that reached the platform just before a crash
+  is sent again. Entity ids are stable (`urn:ngsi-ld:<Type>:iwaki:<node>`),
+  so re-delivery is an idempotent upsert.
+- An entity the NGSI-LD broker refuses for good (a 4xx for that entity in
+  a batch) leaves the queue as `failed`, with the reason; it is counted,
+  never silently dropped.
+
+Targets: `MqttTarget` publishes each entity with QoS 1 to
+`<prefix>/<type>/<entity id>` on the platform's broker and waits for the
+PUBACKs; `HttpTarget` sends NGSI-LD batch upserts
+(`POST /ngsi-ld/v1/entityOperations/upsert?options=update`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet.registry import Registry
+from fleet.settings import Settings, get_settings
+
+log = logging.getLogger("fleet.relay")
+
+COUNTERS = ("delivered", "failed", "attempts", "errors")
+
+
+class UpstreamError(Exception):
+    """The platform could not take a batch now (unreachable, refusing, timed out): retry later."""
+
+
+def redact(url: str) -> str:
+    """`url` without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class MqttTarget:
+    """The platform's MQTT broker: one QoS 1 message per entity, retained off."""
+
+    name = "mqtt"
+
+    def __init__(self, url: str, client_id: str, timeout: float = 10.0):
+        parts = urlsplit(url)
+        self.where = redact(url)
+        self.host, self.port = parts.hostname, parts.port or 1883
+        self.prefix = parts.path.strip("/") or "iwaki/ngsi-ld"
+        self.timeout = timeout
+        self._connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                                  protocol=mqtt.MQTTv311)
+        if parts.username:
+            self.client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.5, 10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self._started = False
+
+    def topic(self, entity_type: str, entity_id: str) -> str:
+        return f"{self.prefix}/{entity_type}/{entity_id}"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("platform broker %s refused us: %s", self.where, reason_code)
+            return
+        log.info("connected to the platform broker %s", self.where)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set() and self._started:
+            log.warning("lost the platform broker %s (%s)", self.where, reason_code)
+        self._connected.clear()
+
+    def _ensure(self) -> None:
+        if not self._started:
+            self._started = True
+            try:
+                self.client.connect_async(self.host, self.port, keepalive=30)
+            except (OSError, ValueError) as exc:
+                raise UpstreamError(f"cannot reach the platform broker {self.where}: {exc}") from None
+            self.client.loop_start()
+        if not self._connected.wait(min(self.timeout, 2.0)):
+            raise UpstreamError(f"platform broker {self.where} is not reachable")
+
+    def deliver(self, rows: list[dict]) -> dict[int, str]:
+        self._ensure()
+        infos = []
+        for row in rows:
+            info = self.client.publish(self.topic(row["entity_type"], row["entity_id"]), row["body"], qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise UpstreamError(f"platform broker {self.where}: publish failed ({mqtt.error_string(info.rc)})")
+            infos.append(info)
+        deadline = time.monotonic() + self.timeout
+        for info in infos:
+            while not info.is_published():
+                if time.monotonic() >= deadline or not self._connected.is_set():
+                    raise UpstreamError(f"platform broker {self.where} did not acknowledge the batch")
+                time.sleep(0.002)
+        return {}
+
+    def close(self) -> None:
+        if self._started:
+            self._started = False
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+class HttpTarget:
+    """An NGSI-LD context broker: batch upserts, the entities' own @context in the body."""
+
+    name = "http"
+    PATH = "/ngsi-ld/v1/entityOperations/upsert"
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0):
+        self.where = redact(url)
+        self.url = url.rstrip("/") + self.PATH
+        headers = {"Content-Type": "application/ld+json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.client = httpx.Client(headers=headers, timeout=timeout)
+
+    def deliver(self, rows: list[dict]) -> dict[int, str]:
+        body = "[" + ",".join(row["body"] for row in rows) + "]"
+        try:
+            r = self.client.post(self.url, params={"options": "update"}, content=body.encode())
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"NGSI-LD broker {self.where} unreachable: {exc}") from None
+        if r.status_code in (200, 201, 204):
+            return {}
+        if r.status_code == 207:  # some entities refused: those leave the queue as failed
+            return self._refused(rows, r)
+        if r.status_code in (400, 413, 422) and len(rows) > 1:
+            # a bad entity spoils the batch: send them one by one to find it
+            refused: dict[int, str] = {}
+            for row in rows:
+                refused.update(self.deliver([row]))
+            return refused
+        if r.status_code in (400, 422):
+            return {rows[0]["id"]: f"refused by the NGSI-LD broker: HTTP {r.status_code} {r.text[:200]}"}
+        raise UpstreamError(f"NGSI-LD broker {self.where} answered HTTP {r.status_code}: {r.text[:200]}")
+
+    @staticmethod
+    def _refused(rows: list[dict], response: httpx.Response) -> dict[int, str]:
+        try:
+            errors = response.json().get("errors", [])
+        except (ValueError, AttributeError):
+            raise UpstreamError(f"NGSI-LD broker answered 207 without a readable body: {response.text[:200]}")
+        by_entity = {}
+        for e in errors:
+            reason = e.get("error", {})
+            by_entity[e.get("entityId")] = reason.get("title") or reason.get("detail") or json.dumps(reason)
+        return {row["id"]: f"refused by the NGSI-LD broker: {by_entity[row['entity_id']]}"
+                for row in rows if row["entity_id"] in by_entity}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def targets(settings: Settings, worker: str) -> list:
+    out = []
+    if settings.upstream_mqtt:
+        out.append(MqttTarget(settings.upstream_mqtt, client_id=f"{worker}-up"[:64]))
+    if settings.upstream_http:
+        out.append(HttpTarget(settings.upstream_http, settings.upstream_token))
+    return out
+
+
+class Relay:
+    """Deliver the upstream outbox (see the module docstring)."""
+
+    def __init__(self, settings: Settings | None = None, *, db_path: str | None = None, worker: str | None = None,
+                 batch: int = 500, lease_s: float = 30.0, retry: tuple[float, float] = (0.5, 15.0)):
+        self.settings = (settings or get_settings()).override(db=db_path)
+        if not self.settings.relays:
+            raise ValueError("no platform target: set IWAKI_UPSTREAM_MQTT and/or IWAKI_UPSTREAM_HTTP")
+        self.worker = worker or f"{self.settings.client_id}@{socket.gethostname()}:{os.getpid()}"
+        self.batch = batch
+        self.lease_s = lease_s
+        self.retry = retry
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backlog = 0
+
+    def start(self) -> "Relay":
+        if self._thread is not None:
+            raise RuntimeError("the relay is already running")
+        self._stop.clear()
+        Registry(self.settings.db).close()  # fail here, not in the thread, when the registry is unusable
+        self._thread = threading.Thread(target=self._loop, name="fleet-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def wake(self) -> None:
+        """New rows are in the outbox (the ingest writer calls this after a commit)."""
+        self._wake.set()
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {**self.counters, "backlog": self._backlog}
+
+    def backlog(self) -> int:
+        return self._backlog
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def _loop(self) -> None:
+        registry = Registry(self.settings.db)
+        outs = targets(self.settings, self.worker)
+        pause = self.retry[0]
+        next_count = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    rows = registry.claim_upstream(self.worker, self.batch, self.lease_s)
+                    if time.monotonic() >= next_count or not rows:
+                        self._backlog = registry.upstream_backlog()
+                        next_count = time.monotonic() + 1.0
+                except Exception:
+                    log.exception("cannot read the upstream outbox")
+                    self._count("errors")
+                    self._stop.wait(pause)
+                    continue
+                if not rows:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._count("attempts")
+                try:
+                    refused: dict[int, str] = {}
+                    for target in outs:
+                        refused.update(target.deliver(rows))
+                except UpstreamError as exc:
+                    if self.last_error != str(exc):
+                        log.warning("%s; %d entities wait in the outbox, retrying", exc, self._backlog)
+                    self.last_error = str(exc)
+                    self._count("errors")
+                    _try(registry.finish_upstream, self.worker, [], error=str(exc))
+                    self._stop.wait(pause * random.uniform(0.8, 1.2))
+                    pause = min(pause * 2, self.retry[1])
+                    continue
+                delivered = [r["id"] for r in rows if r["id"] not in refused]
+                try:
+                    registry.finish_upstream(self.worker, delivered, refused)
+                except Exception:
+                    # not recorded: the rows stay leased to us and are sent again (idempotent)
+                    log.exception("could not record %d deliveries; they will be sent again", len(delivered))
+                    self._count("errors")
+                    self._stop.wait(pause)
+                    continue
+                if self.last_error is not None:
+                    log.info("platform reachable again: delivering the outbox")
+                    self.last_error = None
+                for rid, reason in refused.items():
+                    log.error("upstream entity %d refused for good: %s", rid, reason)
+                self._count("delivered", len(delivered))
+                self._count("failed", len(refused))
+                pause = self.retry[0]
+        finally:
+            for target in outs:
+                target.close()
+            _try(registry.release_upstream, self.worker)
+            registry.close()
+
+
+def _try(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        log.exception("upstream bookkeeping failed (%s); the lease will expire and the rows be retried",
+                      fn.__name__)
