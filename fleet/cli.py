@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "list open health alerts, or acknowledge one"),
     "broker-config": ("fleet.cli", "add_broker_config_arguments", "run_broker_config",
                       "write mosquitto's password and ACL files from the registry"),
+    "tokens": ("fleet.cli", "add_tokens_arguments", "run_tokens",
+               "issue, revoke and list the HTTP API's bearer tokens"),
     # -- demo: written separately in fleet/demo.py (add_arguments(parser), run(args) -> int).
     # -- Imported only when chosen; `fleet demo` says so if the module is not there.
     "demo": ("fleet.demo", "add_arguments", "run",
@@ -57,7 +59,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fleet.schemas import PayloadError
     from fleet.credentials import CredentialError
     from fleet.health import AlertError
-    return (AlertError, CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
+    from fleet.tokens import TokenError
+    return (TokenError, AlertError, CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,27 +116,60 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", help="MQTT client id; keep it stable (IWAKI_MQTT_CLIENT_ID, default iwaki-fleet)")
     p.add_argument("--offline-after", type=float, metavar="S",
                    help="seconds of silence before a node is offline (IWAKI_OFFLINE_AFTER_S, default 180)")
+    p.add_argument("--upstream-mqtt", metavar="URL",
+                   help="relay to the platform's MQTT broker, mqtt://[user:pass@]host[:port][/prefix] "
+                        "(IWAKI_UPSTREAM_MQTT)")
+    p.add_argument("--upstream-http", metavar="URL",
+                   help="relay to the platform's NGSI-LD broker by batch upserts, http(s)://host[:port] "
+                        "(IWAKI_UPSTREAM_HTTP)")
+    p.add_argument("--share-group", metavar="NAME",
+                   help="share the nodes' messages with the other workers of this group "
+                        "($share/NAME/...; IWAKI_SHARE_GROUP); give each worker its own --client-id")
+    p.add_argument("--api-host", help="address for the HTTP API and dashboard (IWAKI_API_HOST, default 127.0.0.1)")
+    p.add_argument("--api-port", type=int, metavar="PORT",
+                   help="port for the HTTP API and dashboard, 0 for none (IWAKI_API_PORT, default 8080)")
     p.add_argument("--report-every", type=float, default=60.0, metavar="S",
                    help="log the message counts every S seconds (default 60)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Run `fleet.ingest.Ingest` until SIGINT or SIGTERM."""
+    """Run the ingest, the relay (when an upstream is set) and the API until SIGINT or SIGTERM."""
     from fleet.ingest import Ingest
 
     settings = _settings(db=args.db, mqtt_host=args.host, mqtt_port=args.port, mqtt_user=args.user,
                          mqtt_password=args.password, root=args.root, client_id=args.client_id,
-                         offline_after_s=args.offline_after)
+                         offline_after_s=args.offline_after, upstream_mqtt=args.upstream_mqtt,
+                         upstream_http=args.upstream_http, share_group=args.share_group,
+                         api_host=args.api_host, api_port=args.api_port)
     if args.report_every <= 0:
         raise UsageError("--report-every must be positive")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger("fleet.ingest").info("serving: broker %s:%d, root %r, registry %s",
-                                           settings.mqtt_host, settings.mqtt_port, settings.root, settings.db)
-    Ingest(settings).run(stop, report_every=args.report_every)
+    log = logging.getLogger("fleet.serve")
+    log.info("serving: broker %s:%d, root %r, registry %s%s", settings.mqtt_host, settings.mqtt_port,
+             settings.root, settings.db, f", share group {settings.share_group}" if settings.share_group else "")
+    ingest = Ingest(settings)
+    relay = api = None
+    if settings.relays:
+        from fleet.relay import Relay, redact
+        relay = Relay(settings).start()
+        ingest.after_commit = relay.wake
+        log.info("relaying to %s", " and ".join(redact(u) for u in (settings.upstream_mqtt, settings.upstream_http)
+                                                  if u))
+    try:
+        if settings.api_port:
+            from fleet.server import serve_in_thread
+            api = serve_in_thread(settings, ingest=ingest, relay=relay)
+            log.info("API and dashboard on http://%s:%d/", settings.api_host, api.port)
+        ingest.run(stop, report_every=args.report_every)
+    finally:
+        if api is not None:
+            api.stop()
+        if relay is not None:
+            relay.stop()
     return 0
 
 
@@ -235,6 +271,50 @@ def run_broker_config(args: argparse.Namespace) -> int:
         passwd, acl = broker_config(registry, args.out, settings.root)
     print(f"wrote {passwd} and {acl}; mosquitto.conf: password_file {passwd}, acl_file {acl}, "
           "allow_anonymous false; then reload mosquitto (SIGHUP)")
+    return 0
+
+
+# -- tokens ---------------------------------------------------------------------
+
+def add_tokens_arguments(p: argparse.ArgumentParser) -> None:
+    from fleet.tokens import ROLES
+    p.add_argument("action", choices=("issue", "revoke", "list"),
+                   help="issue: a token for NAME with --role; revoke NAME; list")
+    p.add_argument("name", nargs="?", help="the token's name: who uses it (a person, grafana, the platform)")
+    p.add_argument("--role", choices=ROLES, help="the token's role, for issue")
+    p.add_argument("--json", action="store_true", help="list: print a JSON list of the tokens' records")
+    p.add_argument("--db", help="registry file (IWAKI_DB, default var/fleet.db)")
+    p.add_argument("--actor", default=os.environ.get("USER", "cli"),
+                   help="who does this, for the audit log (default $USER)")
+
+
+def run_tokens(args: argparse.Namespace) -> int:
+    """`fleet.tokens` issue / revoke / list; an issued token is printed once, alone on stdout."""
+    from fleet import tokens
+    settings = _settings(db=args.db)
+    if args.action != "list" and not args.name:
+        raise UsageError(f"tokens {args.action} needs a token name")
+    if args.action == "issue" and not args.role:
+        raise UsageError(f"tokens issue needs --role ({', '.join(tokens.ROLES)})")
+    with Registry(settings.db, create=args.action == "issue") as registry:
+        if args.action == "issue":
+            token = tokens.issue(registry, args.name, args.role, args.actor)
+            print(token)
+            print(f"{args.name} ({args.role}): shown once: send it as 'Authorization: Bearer <token>'; "
+                  "only its hash is kept", file=sys.stderr)
+        elif args.action == "revoke":
+            tokens.revoke(registry, args.name, args.actor)
+            print(f"{args.name}: revoked; the API refuses it from now on", file=sys.stderr)
+        else:
+            rows = tokens.tokens(registry)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            elif not rows:
+                print("(no tokens)")
+            else:
+                for t in rows:
+                    state = "revoked " + t["revoked_at"] if t["revoked_at"] else "active"
+                    print(f"{t['name']:<24} {t['role']:<10} {state:<32} last used {t['last_used_at'] or 'never'}")
     return 0
 
 

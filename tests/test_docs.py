@@ -12,9 +12,9 @@ CLI_DOC = (REPO / "docs" / "cli.md").read_text()
 MQTT_DOC = (REPO / "docs" / "mqtt.md").read_text()
 
 COMMANDS = [("fleet", "serve"), ("fleet", "nodes"), ("fleet", "demo"), ("fleet", "credentials"), ("fleet", "alerts"),
-            ("fleet", "broker-config"),
+            ("fleet", "broker-config"), ("fleet", "tokens"),
             ("tools.boards", "check"), ("tools.boards", "compile"), ("tools.bench", "sampler"),
-            ("tools.bench", "sensors")]
+            ("tools.bench", "sensors"), ("tools.bench", "relay")]
 
 
 def help_text(*argv):

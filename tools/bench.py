@@ -2,6 +2,7 @@
 
     python -m tools.bench sampler [--samples N]
     python -m tools.bench sensors [--reads N]
+    python -m tools.bench relay [--seconds S] [--nodes N] [--workers W]   (tools/bench_relay.py)
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 import sys
 
+from fleet.mosquitto import BrokerError
 from tools.mpvm import VMError, run_script
 
 SAMPLER_SCRIPT = r"""
@@ -202,6 +204,7 @@ def bench_sensors(reads: int = 50) -> dict:
 COMMANDS = {
     "sampler": (bench_sampler, "sampling engine in the MicroPython VM"),
     "sensors": (bench_sensors, "EV CT burst, accelerometer FIFO and JMA intensity in the VM"),
+    "relay": (None, "the fleet's relay (store + deliver upstream) against a bare subscriber, real brokers"),
 }
 
 
@@ -212,9 +215,18 @@ def main(argv=None) -> int:
     sp.add_argument("--samples", type=int, default=20000)
     sp = sub.add_parser("sensors", help=COMMANDS["sensors"][1])
     sp.add_argument("--reads", type=int, default=50, help="driver reads to time (default 50)")
+    sp = sub.add_parser("relay", help=COMMANDS["relay"][1])
+    sp.add_argument("--seconds", type=float, default=10.0, help="how long to publish (default 10)")
+    sp.add_argument("--nodes", type=int, default=200, help="simulated node ids (default 200)")
+    sp.add_argument("--workers", type=int, default=1, help="fleet serve processes in a share group (default 1)")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "sampler":
+        if args.cmd == "relay":
+            if args.seconds <= 0 or args.nodes < 1 or args.workers < 1:
+                ap.error("--seconds must be positive, --nodes and --workers at least 1")
+            from tools.bench_relay import run
+            result = run(args.seconds, args.nodes, args.workers)
+        elif args.cmd == "sampler":
             if args.samples < 100:
                 ap.error("--samples must be at least 100")
             result = bench_sampler(args.samples)
@@ -222,7 +234,7 @@ def main(argv=None) -> int:
             if args.reads < 1:
                 ap.error("--reads must be at least 1")
             result = bench_sensors(args.reads)
-    except VMError as exc:
+    except (VMError, RuntimeError, OSError, BrokerError) as exc:
         print(f"tools.bench: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))
