@@ -1,10 +1,13 @@
-"""`python -m fleet demo`: a broker, the fleet and N virtual nodes on this machine.
+"""`python -m fleet demo`: a broker, the fleet, N virtual nodes, the dashboard and a platform.
 
 The virtual nodes are the real firmware (firmware/node) running under CPython
-on simulated boards (firmware/sim) with the devices of boards/env-station.toml,
-talking MQTT to a private mosquitto on a loopback port; the fleet ingests what
-they send into SQLite. With --seconds the demo stops by itself and prints a
-JSON summary on its last line.
+on simulated boards (firmware/sim) with the devices of the boards/ profiles,
+talking MQTT to a private mosquitto on a loopback port, each on its own
+account behind the ACL; the fleet ingests what they send into SQLite, serves
+the API and dashboard (a token for it is printed), and relays every
+message's NGSI-LD entities to a stand-in for the city platform: a second
+mosquitto with a collector (tools/platform.py). With --seconds the demo
+stops by itself and prints a JSON summary on its last line.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--state", default=None, help="directory for the broker, database and node flash "
                                                   "(default: a new temporary directory)")
     p.add_argument("--root", default="iwaki", help="MQTT topic root (default iwaki)")
+    p.add_argument("--api-port", type=int, default=8080,
+                   help="port of the API and dashboard on 127.0.0.1 (default 8080; 0: a free port)")
 
 
 def firmware_on_path() -> None:
@@ -111,9 +116,14 @@ async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: f
 
 
 def run(args) -> int:
-    from fleet import credentials
+    from fleet import credentials, tokens
+    from fleet.api import create_app
     from fleet.ingest import Ingest
     from fleet.registry import Registry
+    from fleet.relay import Relay
+    from fleet.server import ApiServer
+    from fleet.settings import get_settings
+    from tools.platform import EntityStore, MqttCollector
 
     if args.nodes < 1:
         print("fleet: --nodes must be at least 1", file=sys.stderr)
@@ -135,22 +145,47 @@ def run(args) -> int:
         passwords["iwaki-fleet"] = credentials.issue(reg, "iwaki-fleet", "fleet", "demo",
                                                    rotate="iwaki-fleet" in have)
         passwd, acl = credentials.broker_config(reg, state / "broker-conf", args.root)
+        token = tokens.issue(reg, f"demo-operator-{int(time.time())}", "operator", "demo")
     broker = Mosquitto(state / "broker", extra_conf=f"password_file {passwd}\nacl_file {acl}\n"
                                                     "allow_anonymous false\n").start()
-    ingest = Ingest(db_path=str(db), host=broker.host, port=broker.port, root=args.root,
-                    user="iwaki-fleet", password=passwords["iwaki-fleet"])
+    platform = Mosquitto(state / "platform-broker").start()
+    store = EntityStore()
+    collector = MqttCollector(store, platform.port, prefix="city/iwaki").start()
+    settings = get_settings().override(db=str(db), mqtt_host=broker.host, mqtt_port=broker.port, root=args.root,
+                                       mqtt_user="iwaki-fleet", mqtt_password=passwords["iwaki-fleet"],
+                                       upstream_mqtt=f"mqtt://{platform.host}:{platform.port}/city/iwaki",
+                                       client_id="iwaki-fleet-demo", api_port=args.api_port)
+    relay = Relay(settings).start()
+    ingest = Ingest(settings)
+    ingest.after_commit = relay.wake
     ingest.start()
+    try:
+        api = ApiServer(create_app(settings, ingest=ingest, relay=relay), "127.0.0.1", args.api_port).start()
+    except OSError:
+        ingest.stop()
+        relay.stop()
+        collector.stop()
+        for b in (broker, platform):
+            b.stop()
+        raise
     print(f"demo: broker on {broker.host}:{broker.port}, database {db}", file=sys.stderr)
+    print(f"demo: city platform stand-in on {platform.host}:{platform.port} (topics city/iwaki/#)", file=sys.stderr)
     print(f"demo: {args.nodes} virtual nodes ({', '.join(boards)}), window {args.window_s} s; "
           f"watch them with: python -m fleet nodes --db {db}", file=sys.stderr)
+    print(f"demo: dashboard on {api.url}/ - sign in with the operator token {token}", file=sys.stderr)
     summary = {}
 
     def snapshot():
         ingest.wait_idle(5)
-        s = Registry(str(db)).stats()
+        deadline = time.monotonic() + 10
+        while relay.backlog() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Registry(str(db)) as reg:
+            s, up = reg.stats(), reg.upstream_stats()
         summary.update({"nodes": args.nodes, "nodes_online": s["nodes_online"],
                         "telemetry_stored": s["telemetry_stored"], "invalid": s["invalid"],
-                        "duplicates": s["duplicates"]})
+                        "duplicates": s["duplicates"], "delivered_upstream": up["delivered"],
+                        "upstream_backlog": up["backlog"], "platform_entities": len(store.entities)})
 
     spec = []
     for i in range(args.nodes):
@@ -162,8 +197,12 @@ def run(args) -> int:
         asyncio.run(run_nodes(spec, state, args.seconds, on_tick=snapshot))
     finally:
         ingest.wait_idle(5)
+        api.stop()
         ingest.stop()
+        relay.stop()
+        collector.stop()
         broker.stop()
+        platform.stop()
     summary["seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(summary))
     return 0
