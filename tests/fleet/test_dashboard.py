@@ -1,0 +1,516 @@
+"""The operator's dashboard (fleet/dashboard/) in a real headless Chromium.
+
+Everything is real: mosquitto (the `broker` fixture), fleet.ingest.Ingest
+filling a SQLite registry, the API (fleet.api.create_app) served by uvicorn
+on a loopback port, and Debian's chromium driven over the Chrome DevTools
+Protocol (a small client below, on the `websockets` package). The test reads
+the page as an operator would: figures, badges, rows, chart points, the
+messages shown, and checks them against the registry.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import uvicorn
+from paho.mqtt.enums import CallbackAPIVersion
+from websockets.sync.client import connect
+
+from fleet import tokens
+from fleet.api import create_app
+from fleet.ingest import Ingest
+from fleet.registry import Registry
+from fleet.settings import Settings
+from tests.fleet import payloads as P
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed at "
+                                 "/usr/bin/chromium (make test installs it: apt-get install chromium)")]
+
+REFRESH_MS = 250
+VIEWER, OPERATOR = "viewer-kimura", "operator-sato"
+
+
+# -- a small Chrome DevTools Protocol client ------------------------------------------
+
+class CDPError(Exception):
+    """Chromium answered a command with an error."""
+
+
+class Page:
+    """One headless Chromium with one tab, driven over the DevTools Protocol.
+
+    Commands are answered in order on one websocket; events that arrive in
+    between (network requests, console messages, exceptions) are kept in
+    `events` for the checks at the end of a test.
+    """
+
+    def __init__(self, profile: Path, log: Path):
+        self._stack = contextlib.ExitStack()
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--no-proxy-server", "--disable-extensions", "--mute-audio", f"--user-data-dir={profile}",
+             "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=self._log)
+        try:
+            port, path = self._devtools_address(profile / "DevToolsActivePort")
+            self.ws = self._stack.enter_context(connect(f"ws://127.0.0.1:{port}{path}", max_size=None,
+                                                        proxy=None, open_timeout=10))
+            self._ids = itertools.count(1)
+            self.events: list[dict] = []
+            self.session = None
+            target = self.send("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            for domain in ("Page", "Runtime", "Network", "Log"):
+                self.send(f"{domain}.enable")
+            self.viewport(1280, 800)
+        except BaseException:
+            self.close()
+            raise
+
+    def _devtools_address(self, port_file: Path, timeout: float = 15.0) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited with {self.proc.returncode}; see {self._log.name}")
+            lines = port_file.read_text().splitlines() if port_file.exists() else []
+            if len(lines) >= 2:
+                return lines[0], lines[1]
+            time.sleep(0.05)
+        raise RuntimeError(f"chromium did not open its DevTools port within {timeout:g} s; see {self._log.name}")
+
+    def send(self, method: str, **params) -> dict:
+        """Run one command (on the tab once attached) and return its result."""
+        msg_id = next(self._ids)
+        msg = {"id": msg_id, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            msg["sessionId"] = self.session
+        self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(self.ws.recv(timeout=30))
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise CDPError(f"{method}: {reply['error']}")
+                return reply["result"]
+            if "method" in reply:
+                self.events.append(reply)
+
+    def viewport(self, width: int, height: int, mobile: bool = False) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=mobile)
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+        origin = "/".join(url.split("/")[:3])
+        self.wait("document.readyState === 'complete' && location.origin === %s" % json.dumps(origin),
+                  what=f"{url} to load")
+
+    def js(self, expression: str):
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise AssertionError(f"{expression!r} threw: {details.get('exception', {}).get('description', details)}")
+        return result["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 8.0, what: str | None = None):
+        """Poll until the expression is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                shown = self.js("document.body.innerText.slice(0, 1500)")
+                raise AssertionError(f"timed out waiting for {what or expression}; the page shows:\n{shown}")
+            time.sleep(0.05)
+
+    def click(self, selector: str) -> None:
+        """A real mouse click in the middle of the element."""
+        box = self.wait("(() => { const e = document.querySelector(%s); if (!e || !e.offsetParent) return null;"
+                        " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+                        " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()" % json.dumps(selector),
+                        what=f"{selector} to be visible")
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
+
+    def type(self, selector: str, text: str) -> None:
+        """Focus the field, clear it and type the text as keyboard input."""
+        self.click(selector)
+        self.js("document.querySelector(%s).select()" % json.dumps(selector))
+        self.send("Input.insertText", text=text)
+
+    def text(self, selector: str) -> str:
+        return self.js("(document.querySelector(%s) || {}).innerText" % json.dumps(selector)) or ""
+
+    def visible(self, selector: str) -> bool:
+        return bool(self.js("(() => { const e = document.querySelector(%s); return !!e && !!e.offsetParent; })()"
+                            % json.dumps(selector)))
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def requests(self) -> list[dict]:
+        """Every request the page made: {url, method, headers}."""
+        self.js("1")  # collect the events that arrived since the last command
+        return [e["params"]["request"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
+
+    def js_errors(self) -> list[str]:
+        """Uncaught exceptions, console.error/assert, and error log entries that are not about HTTP statuses."""
+        self.js("1")
+        out = []
+        for e in self.events:
+            p = e.get("params", {})
+            if e["method"] == "Runtime.exceptionThrown":
+                d = p["exceptionDetails"]
+                out.append(d.get("exception", {}).get("description") or d.get("text"))
+            elif e["method"] == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
+                out.append(" ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error" \
+                    and p["entry"]["source"] != "network":
+                out.append(f"{p['entry']['source']}: {p['entry']['text']}")
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.send("Browser.close")
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+
+# -- the fleet: broker, ingest, registry, API --------------------------------------
+
+class ApiServer:
+    """fleet.api.create_app(settings) under uvicorn in a thread, on a loopback port it keeps across restarts."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = 0
+        self.server = None
+        self.thread = None
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       name="dashboard-test-api", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the API server did not stop"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Node:
+    """A paho client publishing as the nodes do (QoS 1)."""
+
+    def __init__(self, port: int):
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dashboard-test-nodes")
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def send(self, kind: str, payload: dict, retain: bool = False) -> None:
+        self.client.publish(P.topic(kind, payload["node"]), P.encode(payload), qos=1,
+                            retain=retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def temperature(node: str, seq: int, mean: float) -> dict:
+    return P.telemetry(node, seq=seq, ch={"temp_c": {"n": 60, "min": mean - 0.4, "max": mean + 0.5, "mean": mean,
+                                                     "last": mean},
+                                          "rh_pct": {"n": 60, "min": 40.0, "max": 42.5, "mean": 41.2, "last": 41.0}})
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def open_alerts(settings) -> dict[tuple[str, str], dict]:
+    with Registry(settings.db, create=False) as r:
+        return {(a["node"], a["kind"]): a for a in r.db["alerts"].rows_where("closed_at IS NULL")}
+
+
+def stats(settings) -> dict:
+    with Registry(settings.db, create=False) as r:
+        return r.stats()
+
+
+class Fleet:
+    def __init__(self, settings, ingest, node, api, tokens_by_name):
+        self.settings, self.ingest, self.node, self.api = settings, ingest, node, api
+        self.tokens = tokens_by_name
+
+    def registry(self) -> Registry:
+        return Registry(self.settings.db, create=False)
+
+    def summary(self) -> dict:
+        """The fleet summary's figures, counted straight from the registry."""
+        with self.registry() as r:
+            one = lambda sql: str(r.db.execute(sql).fetchone()[0])  # noqa: E731
+            return {
+                "nodes": one("SELECT count(*) FROM nodes"),
+                "online": one("SELECT count(*) FROM nodes WHERE state = 'online'"),
+                "offline": one("SELECT count(*) FROM nodes WHERE state = 'offline'"),
+                "unknown": one("SELECT count(*) FROM nodes WHERE state = 'unknown'"),
+                "alerting": one("SELECT count(DISTINCT node) FROM alerts WHERE closed_at IS NULL"),
+                "alerts-open": one("SELECT count(*) FROM alerts WHERE closed_at IS NULL"),
+                "relay-backlog": one("SELECT count(*) FROM upstream WHERE delivered_at IS NULL"),
+            }
+
+    def states(self) -> dict[str, str]:
+        with self.registry() as r:
+            return {n["id"]: n["state"] for n in r.nodes()}
+
+    def telemetry_rows(self, node: str, channel: str) -> int:
+        with self.registry() as r:
+            return r.db.execute("SELECT count(*) FROM telemetry WHERE node = ? AND channel = ?",
+                                [node, channel]).fetchone()[0]
+
+
+@pytest.fixture
+def fleet(tmp_path, broker):
+    """A seeded fleet behind the API:
+
+    - env-0001 online and healthy: 6 telemetry windows, a health report, a warning event;
+    - env-0002 offline: its state message says "offline" (reason "lost", the last will);
+    - env-0003 online with 9 KiB of heap free, so a low_heap alert is open;
+    - env-0005 unknown: the broker replayed its retained birth, nobody heard it live.
+    """
+    settings = Settings(db=str(tmp_path / "fleet.db"), mqtt_port=broker.port, client_id="dashboard-test-fleet")
+    node = Node(broker.port)
+    node.send("birth", P.birth("env-0005", board="bus-stop"), retain=True)
+    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5), stale_check_s=0.1).start()
+    api = None
+    try:
+        # the retained birth arrives once the subscriptions are in place: then nothing sent is missed
+        wait_for(lambda: ingest.counts()["stored"] >= 1, what="the retained birth of env-0005")
+        node.send("birth", P.birth("env-0001"))
+        node.send("state", P.state("env-0001"))
+        for seq in range(6):
+            node.send("telemetry", temperature("env-0001", seq, 21.0 + seq * 0.3))
+        node.send("health", P.health("env-0001", seq=6))
+        node.send("event", P.event("env-0001", seq=7))
+        node.send("birth", P.birth("env-0002", board="river-gauge"))
+        node.send("state", P.state("env-0002", value="offline", reason="lost"))
+        node.send("birth", P.birth("env-0003"))
+        node.send("health", P.health("env-0003", seq=0, heap_free=9000, rssi=-84))
+        wait_for(lambda: {("env-0002", "offline"), ("env-0003", "low_heap")} <= set(open_alerts(settings)),
+                 what="the offline and low_heap alerts to open")
+        wait_for(lambda: stats(settings)["telemetry_stored"] == 6 and stats(settings)["health_stored"] == 2
+                 and stats(settings)["events_stored"] == 1, what="every seeded message stored")
+        with Registry(settings.db, create=False) as r:
+            issued = {name: tokens.issue(r, name, role, actor="test")
+                      for name, role in ((VIEWER, "viewer"), (OPERATOR, "operator"))}
+        api = ApiServer(create_app(settings, ingest=ingest))
+        api.start()
+        yield Fleet(settings, ingest, node, api, issued)
+    finally:
+        if api is not None and api.server is not None and not api.server.should_exit:
+            api.stop()
+        ingest.stop()
+        node.close()
+
+
+@pytest.fixture
+def page(tmp_path):
+    p = Page(tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    yield p
+    p.close()
+
+
+def sign_in(page: Page, fleet: Fleet, name: str) -> None:
+    page.goto(f"{fleet.api.url}/?refresh={REFRESH_MS}")
+    page.type("#token", fleet.tokens[name])
+    page.click("#signin-form button[type=submit]")
+    page.wait("!document.getElementById('main').hidden && document.getElementById('sum-nodes').textContent !== '–'",
+              what="the dashboard after signing in")
+
+
+def shown_summary(page: Page) -> dict:
+    return page.js("Object.fromEntries([...document.querySelectorAll('[data-testid^=summary-]')]"
+                   ".map(e => [e.dataset.testid.slice(8), e.textContent.trim()]))")
+
+
+def shown_nodes(page: Page) -> list[list[str]]:
+    """[node id, state badge text] per row of the node list, top to bottom."""
+    return page.js("[...document.querySelectorAll('#nodes-body tr')]"
+                   ".map(tr => [tr.querySelector('th').innerText, tr.querySelector('td.state .badge').innerText])")
+
+
+def wait_summary(page: Page, fleet: Fleet) -> dict:
+    """Wait until the page's figures are the registry's; return them."""
+    expected = fleet.summary()
+    deadline = time.monotonic() + 8
+    while True:
+        shown = {k: v for k, v in shown_summary(page).items() if k in expected}
+        if shown == expected:
+            return shown
+        assert time.monotonic() < deadline, f"summary shows {shown}, the registry says {expected}"
+        time.sleep(0.05)
+
+
+def assert_local_and_quiet(page: Page, fleet: Fleet) -> None:
+    """Every request went to the API on loopback, every API call carried a bearer token,
+    and no script error happened."""
+    requests = page.requests()
+    urls = [r["url"] for r in requests]
+    assert any(u.startswith(f"{fleet.api.url}/api/v1/summary") for u in urls), urls
+    strays = [u for u in urls if not u.startswith(f"{fleet.api.url}/")]
+    assert not strays, f"requests that left the fleet's loopback API: {strays}"
+    unsigned = [r["url"] for r in requests if "/api/" in r["url"]
+                and not r["headers"].get("Authorization", "").startswith("Bearer iwk_")]
+    assert not unsigned, f"API calls without the bearer token: {unsigned}"
+    assert page.js_errors() == []
+
+
+# -- the tests ------------------------------------------------------------------------
+
+def test_summary_and_node_list_show_the_registry_and_follow_new_messages(fleet, page, tmp_path):
+    sign_in(page, fleet, VIEWER)
+    before = wait_summary(page, fleet)
+    assert (before["nodes"], before["online"], before["offline"], before["unknown"], before["alerting"]) == \
+        ("4", "2", "1", "1", "2")
+
+    states = fleet.states()
+    page.wait(f"document.querySelectorAll('#nodes-body tr').length === {len(states)}", what="every node listed")
+    rows = shown_nodes(page)
+    assert dict(rows) == states
+    # problems first: offline, then with an open alert, then unknown, then healthy
+    assert [node for node, _ in rows] == ["env-0002", "env-0003", "env-0005", "env-0001"]
+    assert page.text("tr[data-node='env-0002'] td.state") == "offline (lost)"
+    assert page.text("tr[data-node='env-0002'] td.board") == "river-gauge"
+    assert page.text("tr[data-node='env-0003'] td.alerts") == "1"
+    assert page.text("tr[data-node='env-0003'] td.heap") == "8.8 KiB"
+    assert page.text("tr[data-node='env-0005'] td.seen") == "never"
+    page.screenshot(tmp_path / "nodes.png")
+
+    page.js("window.stillTheSamePage = true")
+    fleet.node.send("birth", P.birth("env-0009", board="ev-charger"))
+    fleet.node.send("state", P.state("env-0009"))
+    wait_for(lambda: fleet.states().get("env-0009") == "online", what="env-0009 stored online")
+    page.wait("document.querySelector(\"tr[data-node='env-0009'] td.state .badge\")?.innerText === 'online'",
+              what="the new node to appear online")
+    after = wait_summary(page, fleet)
+    assert (after["nodes"], after["online"]) == ("5", "3")
+    assert page.js("window.stillTheSamePage") is True  # updated in place, not reloaded
+
+    page.js("const f = document.getElementById('state-filter'); f.value = 'offline';"
+            " f.dispatchEvent(new Event('change'))")
+    assert shown_nodes(page) == [["env-0002", "offline"]]
+
+    page.viewport(390, 844, mobile=True)
+    page.wait("document.documentElement.scrollWidth <= window.innerWidth", what="no sideways scrolling at 390 px")
+    page.screenshot(tmp_path / "nodes-narrow.png")
+    assert_local_and_quiet(page, fleet)
+
+
+def test_node_page_charts_one_point_per_telemetry_row_and_grows_live(fleet, page, tmp_path):
+    sign_in(page, fleet, VIEWER)
+    page.click("tr[data-node='env-0001'] th a")
+    page.wait("location.hash === '#/nodes/env-0001' && document.getElementById('node-title').innerText === 'env-0001'",
+              what="the node page")
+    points = "document.querySelectorAll('#node-charts figure[data-channel=%s] circle.pt').length"
+    for channel in ("temp_c", "rh_pct"):
+        rows = fleet.telemetry_rows("env-0001", channel)
+        assert rows == 6
+        page.wait(f"{points % channel} === {rows}", what=f"{rows} points on the {channel} chart")
+    assert page.js("document.querySelectorAll('#node-charts figure[data-channel=temp_c] polygon.band').length") == 1
+    assert page.js("document.querySelectorAll('#node-health figure[data-channel=heap_free] circle.pt').length") == 1
+    assert "sensor.failed" in page.text("#node-events")
+
+    fleet.node.send("telemetry", temperature("env-0001", 8, 23.5))
+    wait_for(lambda: fleet.telemetry_rows("env-0001", "temp_c") == 7, what="the 7th telemetry row stored")
+    page.wait(f"{points % 'temp_c'} === 7", what="the new reading on the chart")
+    page.screenshot(tmp_path / "node.png")
+    assert_local_and_quiet(page, fleet)
+
+
+def test_operator_acknowledges_an_alert_and_a_viewer_is_told_why_not(fleet, page, tmp_path):
+    alert = open_alerts(fleet.settings)[("env-0003", "low_heap")]
+    button = f"#alerts-table button[data-ack='{alert['id']}']"
+
+    sign_in(page, fleet, VIEWER)
+    page.click("nav a[href='#/alerts']")
+    page.click(button)
+    message = page.wait("(() => { const m = document.getElementById('alert-message');"
+                        " return !m.hidden && m.innerText; })()", what="the refusal")
+    assert "403" in message and "operator" in message, message
+    page.wait(f"document.querySelector(\"{button}\").disabled", what="acknowledging to be disabled for a viewer")
+    assert open_alerts(fleet.settings)[("env-0003", "low_heap")]["acked_at"] is None
+    page.screenshot(tmp_path / "alerts-viewer.png")
+
+    page.click("#signout")
+    page.wait("!document.getElementById('signin').hidden && !localStorage.getItem('iwaki.token')",
+              what="the sign-in form after signing out")
+    page.type("#token", fleet.tokens[OPERATOR])
+    page.click("#signin-form button[type=submit]")
+    page.wait(f"document.querySelector(\"{button}\")?.disabled === false", what="an Acknowledge button for an operator")
+    page.click(button)
+    page.wait(f"document.querySelector(\"#alerts-table tr[data-alert='{alert['id']}'] td.acked\")"
+              f".innerText.startsWith('by {OPERATOR}')", what="the alert shown as acknowledged")
+    assert "acknowledged" in page.text("#alert-message")
+    assert open_alerts(fleet.settings)[("env-0003", "low_heap")]["acked_by"] == OPERATOR
+    assert_local_and_quiet(page, fleet)
+
+
+def test_a_wrong_token_is_refused_with_a_clear_message(fleet, page):
+    page.goto(f"{fleet.api.url}/?refresh={REFRESH_MS}")
+    page.type("#token", "iwk_" + "x" * 43)
+    page.click("#signin-form button[type=submit]")
+    error = page.wait("(() => { const e = document.getElementById('signin-error'); return !e.hidden && e.innerText; })()",
+                      what="the sign-in error")
+    assert "refused" in error and "401" in error, error
+    assert not page.visible("#main")
+    assert page.js("localStorage.getItem('iwaki.token')") is None
+    assert_local_and_quiet(page, fleet)
+
+
+def test_connection_lost_banner_shows_while_the_api_is_down_and_clears_after(fleet, page):
+    sign_in(page, fleet, VIEWER)
+    assert not page.visible("#offline-banner")
+    fleet.api.stop()
+    page.wait("!document.getElementById('offline-banner').hidden", what="the connection-lost banner")
+    assert page.text("#updated").startswith("Connection lost")
+    assert page.js("document.getElementById('sum-nodes').textContent") == "4"  # the last figures stay
+    fleet.api.start()
+    page.wait("document.getElementById('offline-banner').hidden", what="the banner to clear")
+    assert page.text("#updated").startswith("Last updated")
+    assert_local_and_quiet(page, fleet)
