@@ -107,6 +107,28 @@ class Ingest:
     def connected(self) -> bool:
         return self._connected
 
+    def command(self, node: str, name: str, args: dict | None = None, cmd_id: str | None = None,
+                timeout: float = 5.0) -> str:
+        """Publish a command to one node (QoS 1, not retained) and wait for the broker's PUBACK;
+        return its id. The node's answer arrives as a reply with that id (table `replies`).
+        Raises IngestError when the broker is not reachable."""
+        import json
+        import uuid
+        client = self._client
+        if client is None or not self._connected:
+            raise IngestError(f"cannot send {name!r} to {node}: not connected to the broker at {self.where}")
+        cmd_id = cmd_id or uuid.uuid4().hex[:16]
+        body = json.dumps({"v": 1, "id": cmd_id, "args": args or {}}, separators=(",", ":"))
+        info = client.publish(f"{self.settings.root}/{node}/cmd/{name}", body, qos=1)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise IngestError(f"cannot send {name!r} to {node}: {exc}") from None
+        if not info.is_published():
+            raise IngestError(f"cannot send {name!r} to {node}: the broker did not acknowledge it "
+                              f"within {timeout:g} s")
+        return cmd_id
+
     def counts(self) -> dict:
         """A snapshot of the counters (messages received, stored, duplicates, invalid, errors...)."""
         with self._lock:

@@ -225,3 +225,26 @@ def test_keyword_settings_override_the_given_settings(tmp_path):
     ingest = Ingest(Settings(), db_path=str(tmp_path / "x.db"), host="localhost", port=1884, root="city")
     assert (ingest.settings.db, ingest.settings.mqtt_host, ingest.settings.mqtt_port, ingest.settings.root) == \
         (str(tmp_path / "x.db"), "localhost", 1884, "city")
+
+
+def test_commands_reach_the_node_topic_and_refuse_when_disconnected(settings, fleet, broker):
+    got = []
+    node = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cmd-listener")
+    node.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    node.connect("127.0.0.1", broker.port)
+    node.subscribe(f"iwaki/{P.NODE}/cmd/#", qos=1)
+    node.loop_start()
+    try:
+        time.sleep(0.3)
+        ingest = fleet()
+        cid = ingest.command(P.NODE, "ping", {"x": 1})
+        wait_for(lambda: got, what="the command")
+        import json
+        assert got[0][0] == f"iwaki/{P.NODE}/cmd/ping"
+        assert json.loads(got[0][1]) == {"v": 1, "id": cid, "args": {"x": 1}}
+        ingest.stop()
+        with pytest.raises(IngestError, match="not connected"):
+            ingest.command(P.NODE, "ping")
+    finally:
+        node.loop_stop()
+        node.disconnect()
