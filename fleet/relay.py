@@ -82,7 +82,7 @@ class MqttTarget:
                                   protocol=mqtt.MQTTv311)
         if parts.username:
             self.client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
-        self.client.max_inflight_messages_set(1000)
+        self.client.max_inflight_messages_set(100)  # paho scans its in-flight list on every PUBACK
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.5, 10)
         self.client.on_connect = self._on_connect
