@@ -13,6 +13,7 @@ and keeps one open alert per (node, kind) while its condition holds:
 | `clock_not_set` | info | the node's clock has no UTC time |
 | `sensor_fault` | warning | a sensor reports `warning` or `failed` |
 | `sequence_gap` | warning | messages lost (a gap) in the last hour |
+| `upstream_backlog` | warning | (node `fleet`) a delivery to the city platform has waited more than 5 minutes |
 
 An acknowledged alert stays open until its condition clears; it is then
 closed, and a new occurrence opens a new alert.
@@ -31,7 +32,10 @@ REBOOT_WINDOW = timedelta(minutes=10)
 GAP_WINDOW = timedelta(hours=1)
 SEVERITY = {"offline": "warning", "reboot_loop": "critical", "low_heap": "warning",
             "loop_overruns": "warning", "outbox_backlog": "warning", "clock_not_set": "info",
-            "sensor_fault": "warning", "sequence_gap": "warning"}
+            "sensor_fault": "warning", "sequence_gap": "warning", "upstream_backlog": "warning"}
+#: The fleet's own alerts are filed under this node name.
+FLEET = "fleet"
+UPSTREAM_WAIT = timedelta(minutes=5)
 
 
 class AlertError(Exception):
@@ -90,6 +94,18 @@ def evaluate(reg: Registry, now: datetime | None = None) -> tuple[int, int]:
                     opened += 1
                 elif r["message"] != message:
                     reg.db["alerts"].update(r["id"], {"message": message})
+        waiting = reg.upstream_stats()
+        if waiting["oldest_pending"] and waiting["oldest_pending"] < iso(now - UPSTREAM_WAIT):
+            message = (f"{waiting['backlog']} deliveries wait for the city platform, "
+                       f"the oldest since {waiting['oldest_pending']}")
+            r = open_rows.pop((FLEET, "upstream_backlog"), None)
+            if r is None:
+                reg.db["alerts"].insert({"node": FLEET, "kind": "upstream_backlog", "severity": "warning",
+                                         "message": message, "opened_at": at, "closed_at": None,
+                                         "acked_at": None, "acked_by": None})
+                opened += 1
+            elif r["message"] != message:
+                reg.db["alerts"].update(r["id"], {"message": message})
         for r in open_rows.values():
             reg.db["alerts"].update(r["id"], {"closed_at": at})
             closed += 1

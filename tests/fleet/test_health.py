@@ -87,3 +87,18 @@ def test_cli_lists_and_acknowledges(tmp_path):
     assert "acked" in fleet().stdout
     r = fleet("ack", "12345")
     assert r.returncode == 1 and r.stderr == "fleet: no alert 12345\n"
+
+
+def test_a_platform_backlog_older_than_five_minutes_is_a_fleet_alert(tmp_path):
+    now = utc_now()
+    up = lambda row, kind, p, at: [{"id": "urn:ngsi-ld:Device:iwaki:" + row["id"], "type": "Device"}]  # noqa: E731
+    with Registry(tmp_path / "f.db") as reg:
+        reg.ingest(P.NODE, "telemetry", P.telemetry(seq=0), now - timedelta(minutes=4), upstream=up)
+        assert H.evaluate(reg, now) == (0, 0)                      # waiting, but not for long
+        later = now + timedelta(minutes=2)
+        assert H.evaluate(reg, later) == (1, 0)
+        (alert,) = [a for a in H.alerts(reg) if a["kind"] == "upstream_backlog"]
+        assert alert["node"] == H.FLEET and "1 deliveries wait" in alert["message"]
+        rows = reg.claim_upstream("w", 10, 30)
+        reg.finish_upstream("w", [r["id"] for r in rows])
+        assert H.evaluate(reg, later) == (0, 1)                    # delivered: it closes by itself
