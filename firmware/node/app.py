@@ -8,6 +8,7 @@ from node.bootinfo import next_boot, reset_cause_name
 from node.clock import Uptime
 from node.config import profile_hash
 from node.health import health_body
+from node.ota import Ota
 from node.outbox import Outbox
 from node.sampler import Sampler, Ticker
 from node.sensors import SensorError
@@ -53,7 +54,7 @@ def _make_driver(s, hw, clock):
 
 class Node:
     def __init__(self, hw, clock, profile, identity, root, connect, rssi=None, vbat_mv=None,
-                 ble=None):
+                 ble=None, esp32=None):
         self.hw = hw
         self.ble = ble  # bluetooth.BLE() on a board, a simulated radio on the host
         self.clock = clock
@@ -100,6 +101,15 @@ class Node:
         self._up = None
         self.windows_silent = 0
         self.windows_sent = 0
+        self.loop_ticks = 0
+        self.reboot_reason = None
+        # over-the-air updates (node.ota); esp32 is the esp32 module for image
+        # updates (a simulation on the host; imported on a board when needed)
+        self.ota = Ota(self, root, identity, connect, esp32)
+        self._trial = None
+        # the ota command replies several times under its id, which
+        # Uplink.on_command does not pass on: its messages are taken here
+        self.uplink.client.on_message = self._on_message
 
     def _hardware(self, s, buses):
         # what the driver is handed: its bus, its pins, its ADC or the radio
@@ -136,11 +146,15 @@ class Node:
     def birth_body(self):
         s = self.sampler
         rep = self.profile["report"]
-        return {"fw": self.fw, "board": self.profile["name"], "chip": self.profile["chip"],
-                "config_hash": self.config_hash, "reset_cause": self.reset_cause,
-                "boot_count": self.boot,
-                "channels": dict((n, {"sensor": s.owner[i]}) for i, n in enumerate(s.names)),
-                "report": {"window_s": rep["window_s"], "health_s": rep["health_s"]}}
+        b = {"fw": self.fw, "board": self.profile["name"], "chip": self.profile["chip"],
+             "config_hash": self.config_hash, "reset_cause": self.reset_cause,
+             "boot_count": self.boot,
+             "channels": dict((n, {"sensor": s.owner[i]}) for i, n in enumerate(s.names)),
+             "report": {"window_s": rep["window_s"], "health_s": rep["health_s"]}}
+        ota = self.ota.birth()
+        if ota:
+            b["ota"] = ota
+        return b
 
     def start_sensors(self):
         for d in self.drivers:
@@ -150,6 +164,18 @@ class Node:
                 d.status = "failed"
                 self.uplink.publish("event", {"event": "sensor.failed", "severity": "warning",
                                               "data": {"sensor": d.KIND, "reason": str(e)}})
+
+    def _on_message(self, topic, msg):
+        if topic.endswith(b"/cmd/ota"):
+            self.ota.on_message(msg)
+        else:
+            self.uplink._on_message(topic, msg)
+
+    def reboot(self, reason):
+        """Stop the loop, let the replies out, say offline and reset the board
+        (node.ota: after staging an update, or to roll a trial back)."""
+        self.reboot_reason = reason
+        self.running = False
 
     def command(self, name, args):
         if name == "ping":
@@ -225,6 +251,7 @@ class Node:
             lag = t.mark()
             self.sampler.step()
             n += 1
+            self.loop_ticks = n
             in_window += 1
             if events:
                 self.publish_events()
@@ -245,14 +272,30 @@ class Node:
         self.running = True
         self.start_sensors()
         self._up = asyncio.create_task(self.uplink.run())
+        self._trial = self.ota.start()
         try:
             await self.sample_loop()
+            if self.reboot_reason is not None:
+                await self._drain(5000)
+                await self.uplink.stop()
         finally:
             # stopped or killed: the uplink goes with the loop; without a
             # clean stop() first, the broker sees a dead node (last will)
             self.running = False
             self.uplink.kill()
             self._up.cancel()
+            for t in (self._trial, self.ota.task):
+                if t is not None and not t.done():
+                    t.cancel()
+        if self.reboot_reason is not None:
+            self.hw.reset()
+
+    async def _drain(self, ms):
+        # before a reset: give the outbox (the update's replies) a moment to go out
+        for _ in range(ms // 20):
+            if not self.outbox.depth or not self.uplink.client.connected:
+                return
+            await asyncio.sleep_ms(20)
 
     async def stop(self):
         self.running = False

@@ -138,7 +138,7 @@ KEYS = {
     "mqtt": ("keepalive_s",),
     "outbox": ("limit_bytes",),
     "wdt": ("timeout_ms",),
-    "identity": ("node", "root", "broker", "user", "password", "tls", "wifi"),
+    "identity": ("node", "root", "broker", "user", "password", "tls", "wifi", "ota_keys", "fleet_url"),
     "broker": ("host", "port"),
     "wifi": ("ssid", "password"),
 }
@@ -512,6 +512,20 @@ def check_identity(d):
         if not 0 < len(ssid) <= 32:
             _fail("wifi.ssid", "must be 1 to 32 characters")
         out["wifi"] = {"ssid": ssid, "password": _get(w, "password", "wifi.", "str", "")}
+    if "ota_keys" in d:
+        keys = _get(d, "ota_keys", "", "list")  # empty: this node takes no updates
+        if len(keys) > 8:
+            _fail("ota_keys", "lists %d keys, at most 8" % len(keys))
+        for i, k in enumerate(keys):
+            if not isinstance(k, str) or len(k) != 64 or k.strip("0123456789abcdef"):
+                _fail("ota_keys[%d]" % i, "%r is not an Ed25519 public key (64 lowercase hex digits)" % (k,))
+        out["ota_keys"] = list(keys)
+    if "fleet_url" in d:
+        url = _get(d, "fleet_url", "", "str")
+        if not url.startswith("http://") or len(url) < 8 or " " in url:
+            _fail("fleet_url", "%r is not an http:// URL (the node fetches signed updates over plain "
+                  "HTTP: the signature, not TLS, protects them)" % url)
+        out["fleet_url"] = url
     return out
 
 

@@ -45,16 +45,28 @@ def run_module(path: Path, names: list[str], lib_dirs: list[Path] | None = None)
     """Run one firmware test module in the VM; return {name: (ok, traceback, output)}.
 
     A module with `FWTEST_NEEDS = ("broker",)` gets a real mosquitto on a free
-    loopback port, named in /fwtest_env.json inside the VM."""
+    loopback port, named in /fwtest_env.json inside the VM; with "ota", signed
+    test releases served over HTTP on loopback (tests/harness/ota.py), as
+    env()["ota"]."""
     env = {}
     broker = None
+    releases = None
     if "broker" in needs(path):
         from fleet.mosquitto import Mosquitto
         broker = Mosquitto(tempfile.mkdtemp(prefix="fwtest-broker-")).start()
         env["broker_host"], env["broker_port"] = broker.host, broker.port
+    ota_dir = None
     try:
+        if "ota" in needs(path):
+            from tests.harness.ota import vm_releases
+            ota_dir = Path(tempfile.mkdtemp(prefix="fwtest-ota-"))
+            env["ota"], releases = vm_releases(ota_dir)
         return _run_module(path, names, lib_dirs, env)
     finally:
+        if releases:
+            releases.stop()
+        if ota_dir:
+            shutil.rmtree(ota_dir, ignore_errors=True)
         if broker:
             broker.stop()
             shutil.rmtree(broker.state_dir, ignore_errors=True)
