@@ -552,6 +552,9 @@ TAGS = [
     {"name": "tokens", "description": "API tokens and their roles (tokens shown once)."},
     {"name": "audit", "description": "Who did what."},
     {"name": "metrics", "description": "Prometheus metrics."},
+    {"name": "releases", "description": "Signed OTA releases (fleet/api_ota.py)."},
+    {"name": "rollouts", "description": "OTA releases sent to the nodes in waves; pause, resume, abort."},
+    {"name": "provision", "description": "Node identities for new boards (fleet/api_provision.py)."},
 ]
 
 
@@ -574,6 +577,11 @@ def create_app(settings: Settings, *, ingest=None, relay=None, dashboard: Path |
     app.state.metrics = FleetMetrics(settings.db, ingest=ingest, relay=relay)
     for router in ROUTERS:
         app.include_router(router)
+    from fleet.api_ota import ROUTERS as OTA_ROUTERS  # imported here: fleet/api_ota.py builds on this module
+    for router in OTA_ROUTERS:
+        app.include_router(router)
+    from fleet.api_provision import provision_router  # builds on this module, as fleet/api_ota.py does
+    app.include_router(provision_router)
     for exc_type, handler in _HANDLERS.items():
         app.add_exception_handler(exc_type, handler)
     app.add_middleware(_CountRequests, metrics=app.state.metrics)

@@ -41,6 +41,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                       "write mosquitto's password and ACL files from the registry"),
     "tokens": ("fleet.cli", "add_tokens_arguments", "run_tokens",
                "issue, revoke and list the HTTP API's bearer tokens"),
+    "keys": ("fleet.keys", "add_arguments", "run",
+             "create, rotate and show the Ed25519 key that signs OTA releases"),
+    "release": ("fleet.releases", "add_arguments", "run",
+                "build, list, show and verify signed OTA releases"),
+    "rollout": ("fleet.rollouts", "add_arguments", "run",
+                "start, list, show, pause, resume and abort OTA rollouts"),
     # -- demo: written separately in fleet/demo.py (add_arguments(parser), run(args) -> int).
     # -- Imported only when chosen; `fleet demo` says so if the module is not there.
     "demo": ("fleet.demo", "add_arguments", "run",
@@ -60,7 +66,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fleet.credentials import CredentialError
     from fleet.health import AlertError
     from fleet.tokens import TokenError
-    return (TokenError, AlertError, CredentialError, RegistryError, IngestError, BrokerError, PayloadError, OSError)
+    from fleet.keys import KeysError
+    from fleet.releases import ReleaseError
+    from fleet.rollouts import RolloutError
+    return (KeysError, ReleaseError, RolloutError, TokenError, AlertError, CredentialError, RegistryError,
+            IngestError, BrokerError, PayloadError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,13 +169,19 @@ def run_serve(args: argparse.Namespace) -> int:
         ingest.after_commit = relay.wake
         log.info("relaying to %s", " and ".join(redact(u) for u in (settings.upstream_mqtt, settings.upstream_http)
                                                   if u))
+    rollouts = None
     try:
         if settings.api_port:
+            # the process that serves the API also runs the OTA rollouts (one engine per fleet)
+            from fleet.rollouts import Rollouts
             from fleet.server import serve_in_thread
             api = serve_in_thread(settings, ingest=ingest, relay=relay)
             log.info("API and dashboard on http://%s:%d/", settings.api_host, api.port)
+            rollouts = Rollouts(settings, ingest).start(every_s=5.0)
         ingest.run(stop, report_every=args.report_every)
     finally:
+        if rollouts is not None:
+            rollouts.stop()
         if api is not None:
             api.stop()
         if relay is not None:

@@ -147,9 +147,36 @@ def _m004_relay_and_api(db: Database) -> None:
     db["api_tokens"].create_index(["token_hash"], unique=True)
 
 
+def _m005_ota(db: Database) -> None:
+    # OTA (fleet/releases.py, fleet/rollouts.py): signed releases, rollouts in waves,
+    # one deployment per node and rollout, and every state a deployment went through
+    db["releases"].create({"version": str, "kind": str, "boards": str, "min_version": str, "key_id": str,
+                           "created_at": str, "created_by": str, "total_size": int, "source_bytes": int,
+                           "path": str}, pk="version",
+                          not_null=["kind", "boards", "key_id", "created_at", "total_size", "path"])
+    db["rollouts"].create({"id": int, "release": str, "state": str, "waves": str, "soak_s": float,
+                           "failure_threshold": float, "force": int, "created_at": str, "created_by": str,
+                           "updated_at": str, "reason": str}, pk="id",
+                          not_null=["release", "state", "waves", "soak_s", "failure_threshold", "force",
+                                    "created_at", "updated_at"],
+                          foreign_keys=[("release", "releases", "version")])
+    db["rollouts"].create_index(["state"])
+    db["deployments"].create({"id": int, "rollout": int, "node": str, "wave": int, "state": str,
+                              "attempt": int, "cmd_id": str, "from_version": str, "updated_at": str,
+                              "reason": str}, pk="id", not_null=["rollout", "node", "state", "attempt", "updated_at"],
+                             foreign_keys=[("rollout", "rollouts", "id")])
+    db["deployments"].create_index(["rollout", "node"], unique=True)
+    db["deployments"].create_index(["node"])
+    db["deployments"].create_index(["cmd_id"])
+    db["deployment_history"].create({"id": int, "deployment": int, "at": str, "state": str, "detail": str},
+                                    pk="id", not_null=["deployment", "at", "state"],
+                                    foreign_keys=[("deployment", "deployments", "id")])
+    db["deployment_history"].create_index(["deployment", "id"])
+
+
 #: Applied in order; version N is MIGRATIONS[N - 1]. Append only.
 MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials, _m003_alerts,
-                                                _m004_relay_and_api]
+                                                _m004_relay_and_api, _m005_ota]
 
 
 # -- the registry ---------------------------------------------------------------

@@ -23,6 +23,12 @@ Tests build a `Settings(...)` directly, or set the environment and call
 | `IWAKI_SHARE_GROUP` | `share_group` | none: relay workers with the same group share the nodes' messages (`$share/<group>/...`) |
 | `IWAKI_API_HOST` | `api_host` | `127.0.0.1` |
 | `IWAKI_API_PORT` | `api_port` | `8080` (0: no API) |
+| `IWAKI_NODE_BROKER_HOST` | `node_broker_host` | none: `mqtt_host`; the broker address provisioned nodes are given |
+| `IWAKI_NODE_BROKER_PORT` | `node_broker_port` | none: `mqtt_port` |
+| `IWAKI_NODE_CA` | `node_ca` | none: a CA certificate (PEM file) provisioned nodes are given, with `tls` |
+| `IWAKI_NODE_FLEET_URL` | `node_fleet_url` | none: the URL the technician reached the fleet at; where nodes fetch OTA updates (`http://`) |
+| `IWAKI_BROKER_CONF_DIR` | `broker_conf_dir` | none: rewrite the broker's `passwd` and `acl` here when a board is provisioned |
+| `IWAKI_BROKER_PID_FILE` | `broker_pid_file` | none: send SIGHUP to the mosquitto whose pid is in this file after rewriting them |
 
 With neither upstream set, nothing is queued for the platform.
 """
@@ -59,6 +65,12 @@ class Settings:
     share_group: str | None = None
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    node_broker_host: str | None = None
+    node_broker_port: int | None = None
+    node_ca: str | None = None
+    node_fleet_url: str | None = None
+    broker_conf_dir: str | None = None
+    broker_pid_file: str | None = None
 
     def __post_init__(self):
         if not 0 < self.mqtt_port < 65536:
@@ -86,6 +98,10 @@ class Settings:
             raise SettingsError(f"share group {self.share_group!r} must be 1 to 64 of [A-Za-z0-9_-]")
         if not 0 <= self.api_port < 65536:
             raise SettingsError(f"API port {self.api_port} is not between 0 (no API) and 65535")
+        if self.node_broker_port is not None and not 0 < self.node_broker_port < 65536:
+            raise SettingsError(f"IWAKI_NODE_BROKER_PORT {self.node_broker_port} is not between 1 and 65535")
+        if self.node_fleet_url:
+            _check_url("IWAKI_NODE_FLEET_URL", self.node_fleet_url, ("http",))
 
     @property
     def relays(self) -> bool:
@@ -144,6 +160,12 @@ _ENV = {
     "share_group": ("IWAKI_SHARE_GROUP", str),
     "api_host": ("IWAKI_API_HOST", str),
     "api_port": ("IWAKI_API_PORT", int),
+    "node_broker_host": ("IWAKI_NODE_BROKER_HOST", str),
+    "node_broker_port": ("IWAKI_NODE_BROKER_PORT", int),
+    "node_ca": ("IWAKI_NODE_CA", str),
+    "node_fleet_url": ("IWAKI_NODE_FLEET_URL", str),
+    "broker_conf_dir": ("IWAKI_BROKER_CONF_DIR", str),
+    "broker_pid_file": ("IWAKI_BROKER_PID_FILE", str),
 }
 
 

@@ -3,7 +3,7 @@ CPython, checked against the `cryptography` package and hashlib; the
 constants the VM test (tests/firmware/test_ed25519.py) embeds, checked to be
 what RFC 8032's secret keys and cryptography produce; and `vm_figures()`,
 the time and memory of one verify of a ~2 KB manifest in the MicroPython VM
-(docs/ota_ed25519.md says how to read them)."""
+(docs/ota.md, "Manifest signatures on the node", says how to read them)."""
 from __future__ import annotations
 
 import ast

@@ -61,6 +61,16 @@ ACCESS = {
     ("DELETE", "/api/v1/tokens/{name}"): {"admin"},
     ("GET", "/api/v1/audit"): {"admin"},
     ("GET", "/metrics"): ALL,
+    ("GET", "/api/v1/releases"): READERS,
+    ("GET", "/api/v1/releases/{version}"): READERS,
+    ("POST", "/api/v1/releases"): {"admin"},
+    ("GET", "/api/v1/rollouts"): READERS,
+    ("POST", "/api/v1/rollouts"): {"admin", "operator"},
+    ("GET", "/api/v1/rollouts/{rollout_id}"): READERS,
+    ("POST", "/api/v1/rollouts/{rollout_id}/pause"): {"admin", "operator"},
+    ("POST", "/api/v1/rollouts/{rollout_id}/resume"): {"admin", "operator"},
+    ("POST", "/api/v1/rollouts/{rollout_id}/abort"): {"admin", "operator"},
+    ("POST", "/api/v1/provision"): {"admin", "technician"},
 }
 
 
@@ -154,7 +164,7 @@ def served_routes(app) -> set[tuple[str, str]]:
 def test_every_route_checks_the_token_and_the_role(api):
     assert served_routes(api.app) == set(ACCESS)
     params = {"node_id": P.NODE, "alert_id": str(api.alerts[(P.NODE, "low_heap")]), "account": "nobody-here",
-              "name": "nobody"}
+              "name": "nobody", "version": "9.9.9", "rollout_id": "1"}
     for (method, template), allowed in sorted(ACCESS.items()):
         path = template.format(**params)
         body = {"json": {}} if method == "POST" else {}

@@ -37,7 +37,7 @@ def test_new_registry_records_its_migrations_and_reopening_changes_nothing(tmp_p
         first = rows(r, "SELECT version, name FROM migrations")
         assert first == [{"version": 1, "name": "_m001_initial"}, {"version": 2, "name": "_m002_credentials"},
                          {"version": 3, "name": "_m003_alerts"},
-                         {"version": 4, "name": "_m004_relay_and_api"}]
+                         {"version": 4, "name": "_m004_relay_and_api"}, {"version": 5, "name": "_m005_ota"}]
         assert {"nodes", "telemetry", "health", "events", "replies", "seen", "gaps", "invalid"} <= \
             set(r.db.table_names())
         r.ingest(P.NODE, "birth", P.birth(), at(0))
