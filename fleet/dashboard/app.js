@@ -3,7 +3,8 @@
 // It signs in with an API bearer token (kept in localStorage), then polls
 // /api/v1/summary and the data of the view on screen every REFRESH_MS
 // (2 s, or ?refresh=<ms> in the page's address) and updates the page in
-// place. Views are hash routes: #/nodes, #/nodes/<id>, #/alerts, #/events.
+// place. Views are hash routes: #/nodes, #/nodes/<id>, #/alerts, #/events,
+// #/rollouts, #/rollouts/<id>.
 // Every value from the API is put in the page as text (textContent), never
 // as HTML. docs/dashboard.md describes the page for operators.
 "use strict";
@@ -30,6 +31,7 @@ const app = {
   nodeRows: new Map(),
   alertRows: new Map(),
   ackForbidden: null,  // the API's 403 detail once this token was refused an acknowledgement
+  rolloutForbidden: null, // the same for pausing, resuming or aborting a rollout
   chartSigs: new Map(),
   failedRoute: null,   // location.hash of a view the API refused (404, 403): its section stays hidden
 };
@@ -202,6 +204,7 @@ function signOut(message, kind = "error") {
   localStorage.removeItem(TOKEN_KEY);
   app.token = null;
   app.ackForbidden = null;
+  app.rolloutForbidden = null;
   forgetData();
   showSignIn(message, kind);
 }
@@ -214,6 +217,7 @@ function forget(box) {
 /** Clear every figure, row and chart, so nothing seen with one token stays on screen for the next. */
 function forgetData() {
   for (const box of document.querySelectorAll("main tbody, .charts, #node-facts")) forget(box);
+  clearRolloutView();
   for (const value of document.querySelectorAll(".summary .value")) value.textContent = "–";
   for (const box of document.querySelectorAll(".notice, #view-error")) show(box, false);
   app.nodes = [];
@@ -281,7 +285,8 @@ function route() {
     }
     return { view: "node", id };
   }
-  if (parts[0] === "alerts" || parts[0] === "events") return { view: parts[0] };
+  if (parts[0] === "rollouts" && parts[1]) return { view: "rollout", id: parts[1] };
+  if (parts[0] === "alerts" || parts[0] === "events" || parts[0] === "rollouts") return { view: parts[0] };
   return { view: "nodes" };
 }
 
@@ -330,6 +335,8 @@ async function refresh() {
 
 function viewErrorMessage(where, err) {
   if (err.status === 404 && where.view === "node") return `There is no node “${where.id}” in the registry (404).`;
+  if (err.status === 404 && where.view === "rollout") return `There is no rollout “${where.id}” (404).`;
+  if (err.status === 422 && where.view === "rollout") return `“${where.id}” is not a rollout id (a number).`;
   if (err.status === 403) return `Your token's role may not see this view (403 forbidden): ${err.message}`;
   return `The API refused this view (${err.status}): ${err.message}`;
 }
@@ -369,6 +376,14 @@ async function loadView(where) {
     const page = await api(`/alerts?state=${encodeURIComponent(state)}&limit=500`);
     return () => renderAlerts(page);
   }
+  if (where.view === "rollouts") {
+    const [rollouts, releases] = await Promise.all([api("/rollouts?limit=100"), api("/releases?limit=100")]);
+    return () => renderRollouts(rollouts, releases);
+  }
+  if (where.view === "rollout") {
+    const rollout = await api(`/rollouts/${encodeURIComponent(where.id)}`);
+    return () => renderRollout(rollout);
+  }
   const q = new URLSearchParams({ limit: "200" });
   if ($("event-severity").value) q.set("severity", $("event-severity").value);
   if ($("event-node").value.trim()) q.set("node", $("event-node").value.trim());
@@ -378,8 +393,10 @@ async function loadView(where) {
 
 function showView(where) {
   const refused = app.failedRoute === location.hash;
-  for (const name of ["nodes", "node", "alerts", "events"]) show($(`view-${name}`), where.view === name && !refused);
-  const tab = where.view === "node" ? "nodes" : where.view;
+  for (const name of ["nodes", "node", "alerts", "events", "rollouts", "rollout"]) {
+    show($(`view-${name}`), where.view === name && !refused);
+  }
+  const tab = { node: "nodes", rollout: "rollouts" }[where.view] || where.view;
   for (const a of document.querySelectorAll(".tabs a")) {
     if (a.dataset.view === tab) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
@@ -803,6 +820,168 @@ function renderEvents(page) {
   showTable("events", page.items.length);
 }
 
+// -- rollouts --------------------------------------------------------------------
+
+// deployment states in the order an update moves through them (fleet/rollouts.py)
+const DEPLOYMENT_STATES = ["pending", "sent", "downloading", "verifying", "staged", "trial", "committed",
+  "failed", "rolled_back", "timed_out", "skipped"];
+const FINISHED = ["committed", "failed", "rolled_back", "timed_out", "skipped"];
+const FAILED_STATES = ["failed", "rolled_back", "timed_out"];
+// which operator action a rollout in each state accepts (the API answers 409 otherwise)
+const ACTIONS = { pause: ["running"], resume: ["paused", "halted"], abort: ["running", "paused", "halted"] };
+const PAST = { pause: "paused", resume: "resumed", abort: "aborted" };
+const AFTER = {
+  pause: "No more nodes are sent the update; those already updating go on.",
+  resume: "The nodes left are sent the update again, wave by wave.",
+  abort: "Nodes not yet sent the update are skipped; updates under way still finish and are recorded.",
+};
+
+function depKind(state) {
+  if (state === "committed") return "dep-ok";
+  if (FAILED_STATES.includes(state)) return "dep-failed";
+  if (state === "skipped" || state === "pending") return `dep-${state}`;
+  return "dep-active";
+}
+
+const percent = (rate) => (rate === null || rate === undefined ? "–" : `${(rate * 100).toFixed(rate < 0.1 ? 1 : 0)}%`);
+
+/** "2 pending, 1 committed": the counts by deployment state, in the order an update goes. */
+function countsText(counts) {
+  const known = DEPLOYMENT_STATES.filter((s) => counts[s]);
+  const other = Object.keys(counts).filter((s) => !DEPLOYMENT_STATES.includes(s) && counts[s]);
+  return known.concat(other).map((s) => `${counts[s]} ${s.replace("_", " ")}`).join(", ") || "none";
+}
+
+function countBadges(counts) {
+  const states = DEPLOYMENT_STATES.filter((s) => counts[s]);
+  if (!states.length) return [document.createTextNode("none")];
+  return states.map((s) => el("span", { class: `badge ${depKind(s)}`, "data-count": s,
+    text: `${counts[s]} ${s.replace("_", " ")}` }));
+}
+
+function wavesDone(r) {
+  return r.waves.filter((w) => w.finished_at).length;
+}
+
+function wavesText(r) {
+  const done = wavesDone(r);
+  if (done === r.waves.length) return `all ${r.waves.length} done`;
+  return `wave ${r.current_wave} of ${r.waves.length} (${done} done)`;
+}
+
+function rolloutRow(r) {
+  const progress = el("progress", { max: r.waves.length, value: wavesDone(r), "aria-label": `waves of rollout ${r.id}` });
+  return el("tr", { "data-rollout": r.id },
+    el("th", { scope: "row" }, el("a", { href: `#/rollouts/${r.id}`, text: `#${r.id}` })),
+    el("td", { class: "release", text: r.release }),
+    el("td", { class: "state" }, badge(r.state, `ro-${r.state}`),
+      r.reason ? el("span", { class: "reason", text: ` ${r.reason}` }) : ""),
+    el("td", { class: "waves" }, progress, ` ${wavesText(r)}`),
+    el("td", { class: "counts" }, ...countBadges(r.counts)),
+    el("td", { class: "num rate", text: percent(r.failure_rate) }),
+    el("td", {}, timeCell(r.created_at), ` by ${r.created_by}`));
+}
+
+function renderRollouts(page, releases) {
+  replaceIfChanged($("rollouts-table").tBodies[0], page.items, () => page.items.map(rolloutRow));
+  setText($("rollouts-count"), page.total > page.items.length ? `latest ${page.items.length} of ${page.total}` : `${page.total} rollout${page.total === 1 ? "" : "s"}`);
+  showTable("rollouts", page.items.length);
+  replaceIfChanged($("releases-table").tBodies[0], releases.items, () => releases.items.map((v) => el("tr", { "data-release": v.version },
+    el("th", { scope: "row", text: v.version }), el("td", { text: v.kind }), el("td", { text: (v.boards || []).join(", ") }),
+    el("td", { text: v.min_version || "any" }), el("td", { class: "num", text: kib(v.total_size) }),
+    el("td", {}, timeCell(v.created_at), ` by ${v.created_by}`))));
+  showTable("releases", releases.items.length);
+}
+
+function clearRolloutView() {
+  setText($("rollout-title"), "");
+  for (const id of ["rollout-state", "rollout-facts"]) forget($(id));
+  for (const id of ["rollout-waves", "rollout-deployments"]) forget($(id).tBodies[0]);
+  for (const b of document.querySelectorAll("button[data-rollout-action]")) b.dataset.rollout = "";
+}
+
+function renderRollout(r) {
+  setText($("rollout-title"), `Rollout ${r.id}: release ${r.release}`);
+  replaceIfChanged($("rollout-state"), [r.state, r.reason], () => [badge(r.state, `ro-${r.state}`),
+    el("span", { class: "reason", text: r.reason ? ` ${r.reason}` : "" })]);
+  for (const b of document.querySelectorAll("button[data-rollout-action]")) {
+    const verb = b.dataset.rolloutAction;
+    b.dataset.rollout = r.id;
+    b.disabled = Boolean(app.rolloutForbidden) || !ACTIONS[verb].includes(r.state);
+    b.title = app.rolloutForbidden || (ACTIONS[verb].includes(r.state) ? "" : `A ${r.state} rollout cannot be ${PAST[verb]}`);
+  }
+  const facts = [
+    ["State", `${r.state}${r.reason ? ` (${r.reason})` : ""} since ${localTime(r.updated_at)}`],
+    ["Started", `${localTime(r.created_at)} by ${r.created_by}`],
+    ["Waves", r.waves.map((w) => `${w.spec} (${w.size})`).join(", ") + ` — ${wavesText(r)}`],
+    ["Soak after each wave", `${r.soak_s} s`],
+    ["Failure rate", `${percent(r.failure_rate)} (halts above ${percent(r.failure_threshold)})`],
+    ["Deployments", countsText(r.counts)],
+    ["Downgrade allowed", r.force ? "yes (force)" : "no"],
+  ];
+  replaceIfChanged($("rollout-facts"), facts,
+    () => facts.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: String(v) }))));
+
+  const waves = r.waves.map((w, i) => {
+    const deps = r.deployments.filter((d) => d.wave === i + 1);
+    const done = deps.filter((d) => FINISHED.includes(d.state)).length;
+    const failed = deps.filter((d) => FAILED_STATES.includes(d.state)).length;
+    return { n: i + 1, w, size: deps.length, done, failed, current: r.current_wave === i + 1 };
+  });
+  replaceIfChanged($("rollout-waves").tBodies[0], waves, () => waves.map((x) => el("tr", { "data-wave": x.n },
+    el("th", { scope: "row", text: x.current && r.state !== "done" ? `${x.n} (current)` : String(x.n) }),
+    el("td", { text: x.w.spec }), el("td", { class: "num", text: x.size }),
+    el("td", { class: "progress" }, el("progress", { max: x.size || 1, value: x.done, "aria-label": `wave ${x.n}` }),
+      ` ${x.done} of ${x.size} finished${x.failed ? `, ${x.failed} failed` : ""}`),
+    el("td", {}, x.w.started_at ? timeCell(x.w.started_at) : "not yet"),
+    el("td", {}, x.w.finished_at ? timeCell(x.w.finished_at) : "–"))));
+
+  const deps = r.deployments;
+  replaceIfChanged($("rollout-deployments").tBodies[0], deps, () => deps.map((d) => el("tr", { "data-node": d.node, "data-state": d.state },
+    el("th", { scope: "row" }, el("a", { href: `#/nodes/${encodeURIComponent(d.node)}`, text: d.node })),
+    el("td", { class: "wave", text: d.wave ?? "–" }),
+    el("td", { class: "state" }, badge(d.state.replace("_", " "), depKind(d.state))),
+    el("td", { text: d.from_version || "–" }), el("td", { class: "num", text: d.attempt ?? "–" }),
+    el("td", { class: "msg reason-text", text: d.reason || "" }),
+    el("td", {}, timeCell(d.updated_at)),
+    el("td", { class: "data history" }, (d.history || []).map((h) =>
+      `${clock(new Date(h.at))} ${h.state}${h.detail ? ` (${h.detail})` : ""}`).join(" → ")))));
+  showTable("rollout-deployments", deps.length);
+}
+
+async function rolloutAction(button) {
+  const verb = button.dataset.rolloutAction;
+  const id = button.dataset.rollout;
+  const box = $("rollout-message");
+  if (!id) return;
+  if (verb === "abort" && !window.confirm(`Abort rollout ${id}? Nodes not yet sent the update are skipped; ` +
+      "this cannot be undone.")) return;
+  button.disabled = true;
+  try {
+    const r = await api(`/rollouts/${encodeURIComponent(id)}/${verb}`, { method: "POST" });
+    notice(box, `Rollout ${r.id} is now ${r.state}. ${AFTER[verb]}`, "ok");
+    renderRollout(r);
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 403) {
+      app.rolloutForbidden = `Not allowed: ${err.message}`;
+      notice(box, `You cannot ${verb} rollouts (403 forbidden): ${err.message.replace(/\.?$/, ".")} ` +
+        "Pausing, resuming and aborting need an operator or admin token.", "error");
+      for (const b of document.querySelectorAll("button[data-rollout-action]")) {
+        b.disabled = true;
+        b.title = app.rolloutForbidden;
+      }
+      return;
+    }
+    if (err instanceof ApiError && err.status === 401) {
+      signOut(refusedMessage(err, true));
+      return;
+    }
+    const status = err instanceof ApiError ? ` (${err.status}${err.code ? " " + err.code : ""})` : "";
+    notice(box, `Rollout ${id} was not ${PAST[verb]}${status}: ${err.message}`, "error");
+    refresh();
+  }
+}
+
 // -- start -----------------------------------------------------------------------
 
 function start() {
@@ -813,6 +992,7 @@ function start() {
     for (const box of document.querySelectorAll(".notice")) show(box, false);
     show($("view-error"), false);
     clearNodeView(); // another node's figures must not show under this one's title, even briefly
+    clearRolloutView();
     refresh();
   });
   for (const th of document.querySelectorAll("#nodes-table th[data-sort] button")) {
@@ -828,6 +1008,8 @@ function start() {
   document.addEventListener("click", (event) => {
     const button = event.target.closest("button.ack");
     if (button && !button.disabled) acknowledge(button);
+    const action = event.target.closest("button[data-rollout-action]");
+    if (action && !action.disabled) rolloutAction(action);
   });
   app.token = localStorage.getItem(TOKEN_KEY);
   if (app.token) enterDashboard();

@@ -25,6 +25,9 @@ import uvicorn
 from paho.mqtt.enums import CallbackAPIVersion
 from websockets.sync.client import connect
 
+from fleet import keys as K
+from fleet import releases as R
+from fleet import rollouts as RO
 from fleet import tokens
 from fleet.api import create_app
 from fleet.ingest import Ingest
@@ -513,4 +516,65 @@ def test_connection_lost_banner_shows_while_the_api_is_down_and_clears_after(fle
     fleet.api.start()
     page.wait("document.getElementById('offline-banner').hidden", what="the banner to clear")
     assert page.text("#updated").startswith("Last updated")
+    assert_local_and_quiet(page, fleet)
+
+
+def test_rollout_page_shows_waves_and_nodes_and_only_an_operator_may_pause(fleet, page, tmp_path):
+    K.create(tmp_path / "keys")
+    with fleet.registry() as reg:
+        R.build("1.2.0", ["env-station"], None, tmp_path / "keys", tmp_path / "releases", reg, "tanaka")
+        rid = RO.start(reg, "1.2.0", ["1", "100%"], soak_s=0, actor="tanaka")["id"]
+
+    def registry_state() -> str:
+        with fleet.registry() as reg:
+            return RO.detail(reg, rid)["state"]
+
+    sign_in(page, fleet, OPERATOR)
+    page.click("nav a[href='#/rollouts']")
+    row = f"#rollouts-table tr[data-rollout='{rid}']"
+    page.wait(f"document.querySelector(\"{row} td.state .badge\")?.innerText === 'running'", what="the rollout listed")
+    assert page.text(f"{row} td.release") == "1.2.0"
+    assert page.text(f"{row} td.counts") == "2 pending"
+    assert page.text(f"{row} td.waves").strip() == "wave 1 of 2 (0 done)"
+    assert page.text(f"{row} td.rate") == "–"
+    assert page.text("#releases-table tr[data-release='1.2.0'] td:nth-of-type(2)") == "env-station"
+
+    page.click(f"{row} th a")
+    page.wait(f"location.hash === '#/rollouts/{rid}' && document.getElementById('rollout-title').innerText"
+              f" === 'Rollout {rid}: release 1.2.0'", what="the rollout page")
+    deployments = page.wait("(() => { const rows = [...document.querySelectorAll('#rollout-deployments tbody tr')];"
+                            " return rows.length === 2 && rows.map(tr => [tr.dataset.node,"
+                            " tr.querySelector('td.wave').innerText, tr.querySelector('td.state').innerText]); })()",
+                            what="both deployments")
+    assert deployments == [["env-0001", "1", "pending"], ["env-0003", "2", "pending"]]  # online first, by id
+    waves = page.js("[...document.querySelectorAll('#rollout-waves tbody tr td.progress')].map(td => td.innerText.trim())")
+    assert waves == ["0 of 1 finished", "0 of 1 finished"]
+    assert page.js("document.querySelector('[data-testid=rollout-resume]').disabled") is True
+
+    page.click("[data-testid=rollout-pause]")
+    page.wait("document.querySelector('#rollout-state .badge')?.innerText === 'paused'", what="the rollout paused")
+    assert f"paused by {OPERATOR}" in page.text("#rollout-state")
+    assert "now paused" in page.text("#rollout-message")
+    assert registry_state() == "paused"
+    page.wait("document.querySelector('[data-testid=rollout-resume]').disabled === false",
+              what="Resume to be offered")
+    page.screenshot(tmp_path / "rollout-operator.png")
+
+    page.click("#signout")
+    page.wait("!document.getElementById('signin').hidden", what="the sign-in form after signing out")
+    page.type("#token", fleet.tokens[VIEWER])
+    page.click("#signin-form button[type=submit]")  # back on the same rollout page
+    page.wait("document.querySelector('#rollout-state .badge')?.innerText === 'paused'", what="the page as a viewer")
+    with fleet.registry() as reg:
+        RO.resume(reg, rid, "tanaka")
+    page.wait("document.querySelector('#rollout-state .badge')?.innerText === 'running'"
+              " && document.querySelector('[data-testid=rollout-pause]').disabled === false",
+              what="the resumed rollout, live")
+    page.click("[data-testid=rollout-pause]")
+    message = page.wait("(() => { const m = document.getElementById('rollout-message');"
+                        " return !m.hidden && m.innerText; })()", what="the refusal")
+    assert "403" in message and "operator" in message, message
+    assert page.js("document.querySelector('[data-testid=rollout-pause]').disabled") is True
+    assert registry_state() == "running"
+    page.screenshot(tmp_path / "rollout-viewer.png")
     assert_local_and_quiet(page, fleet)
