@@ -3,6 +3,7 @@
     python -m tools.bench sampler [--samples N]
     python -m tools.bench sensors [--reads N]
     python -m tools.bench relay [--seconds S] [--nodes N] [--workers W]   (tools/bench_relay.py)
+    python -m tools.bench ota [--nodes N]                                   (tools/bench_ota.py)
 """
 from __future__ import annotations
 
@@ -205,6 +206,7 @@ COMMANDS = {
     "sampler": (bench_sampler, "sampling engine in the MicroPython VM"),
     "sensors": (bench_sensors, "EV CT burst, accelerometer FIFO and JMA intensity in the VM"),
     "relay": (None, "the fleet's relay (store + deliver upstream) against a bare subscriber, real brokers"),
+    "ota": (None, "a rollout in waves to many virtual nodes with faults injected"),
 }
 
 
@@ -219,9 +221,16 @@ def main(argv=None) -> int:
     sp.add_argument("--seconds", type=float, default=10.0, help="how long to publish (default 10)")
     sp.add_argument("--nodes", type=int, default=200, help="simulated node ids (default 200)")
     sp.add_argument("--workers", type=int, default=1, help="fleet serve processes in a share group (default 1)")
+    sp = sub.add_parser("ota", help=COMMANDS["ota"][1])
+    sp.add_argument("--nodes", type=int, default=100, help="virtual nodes (default 100)")
     args = ap.parse_args(argv)
     try:
-        if args.cmd == "relay":
+        if args.cmd == "ota":
+            if args.nodes < 10:
+                ap.error("--nodes must be at least 10")
+            from tools.bench_ota import run as run_ota
+            result = run_ota(args.nodes)
+        elif args.cmd == "relay":
             if args.seconds <= 0 or args.nodes < 1 or args.workers < 1:
                 ap.error("--seconds must be positive, --nodes and --workers at least 1")
             from tools.bench_relay import run
