@@ -150,6 +150,21 @@ class Nodes:
         self.client.loop_stop()
 
 
+def relaying(settings, broker):
+    """Start the fleet's ingest and relay on `settings`, and paho clients publishing as nodes;
+    returns (ingest, relay, nodes, stop), stop() stopping all three."""
+    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
+    relay = Relay(settings, retry=(0.1, 0.5)).start()
+    ingest.after_commit = relay.wake
+    nodes = Nodes(broker.port)
+
+    def stop():
+        nodes.close()
+        ingest.stop()
+        relay.stop()
+    return ingest, relay, nodes, stop
+
+
 def wait_for(predicate, timeout=20.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,10 +197,7 @@ def test_platform_broker_down_mid_stream_loses_nothing_and_duplicates_nothing(tm
     settings = Settings(db=str(tmp_path / "f.db"), mqtt_port=broker.port, client_id="relay-under-test",
                         upstream_mqtt=f"mqtt://127.0.0.1:{platform.port}/city/iwaki")
     collector = MqttCollector(store, platform.port, prefix="city/iwaki").start()
-    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
-    relay = Relay(settings, retry=(0.1, 0.5)).start()
-    ingest.after_commit = relay.wake
-    nodes = Nodes(broker.port)
+    ingest, relay, nodes, stop = relaying(settings, broker)
     try:
         nodes.births()
         nodes.telemetry(range(0, 20))
@@ -207,9 +219,7 @@ def test_platform_broker_down_mid_stream_loses_nothing_and_duplicates_nothing(tm
             assert r.upstream_stats()["failed"] == 0
             assert r.stats()["duplicates"] == 0
     finally:
-        nodes.close()
-        ingest.stop()
-        relay.stop()
+        stop()
         collector.stop()
         platform.stop()
 
@@ -221,10 +231,7 @@ def test_ngsi_ld_http_upserts_survive_a_platform_restart_and_refusals_are_counte
     server = NgsiLdServer(store, refuse={"Device"}).start()
     settings = Settings(db=str(tmp_path / "f.db"), mqtt_port=broker.port, client_id="relay-http",
                         upstream_http=server.url)
-    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
-    relay = Relay(settings, retry=(0.1, 0.5)).start()
-    ingest.after_commit = relay.wake
-    nodes = Nodes(broker.port)
+    ingest, relay, nodes, stop = relaying(settings, broker)
     try:
         nodes.births()
         nodes.telemetry(range(0, 10))
@@ -243,9 +250,7 @@ def test_ngsi_ld_http_upserts_survive_a_platform_restart_and_refusals_are_counte
             types = {row[0] for row in r.db.execute("SELECT entity_type FROM upstream WHERE failed_at IS NOT NULL")}
         assert failed == relay.counts()["failed"] and failed > 0 and types == {"Device"}
     finally:
-        nodes.close()
-        ingest.stop()
-        relay.stop()
+        stop()
         server.stop()
 
 
@@ -256,10 +261,7 @@ def test_bad_payloads_are_refused_and_counted_while_valid_traffic_is_relayed(tmp
     settings = Settings(db=str(tmp_path / "f.db"), mqtt_port=broker.port, client_id="relay-bad",
                         upstream_mqtt=f"mqtt://127.0.0.1:{platform.port}")
     collector = MqttCollector(store, platform.port).start()
-    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
-    relay = Relay(settings, retry=(0.1, 0.5)).start()
-    ingest.after_commit = relay.wake
-    nodes = Nodes(broker.port)
+    ingest, relay, nodes, stop = relaying(settings, broker)
     try:
         nodes.births()
         bad = [b"{not json", b"\xff\xfe", json.dumps({"v": 1}).encode(),                 # malformed, not UTF-8, schema
@@ -279,9 +281,7 @@ def test_bad_payloads_are_refused_and_counted_while_valid_traffic_is_relayed(tmp
         assert any("JSON" in x for x in reasons) and any("16384" in x or "large" in x for x in reasons)
         assert only_telemetry(store, nodes, settings.db) == expected and collector.bad == 0
     finally:
-        nodes.close()
-        ingest.stop()
-        relay.stop()
+        stop()
         collector.stop()
         platform.stop()
 
