@@ -165,7 +165,7 @@ def run_serve(args: argparse.Namespace) -> int:
     relay = api = None
     if settings.relays:
         from fleet.relay import Relay, redact
-        relay = Relay(settings).start()
+        relay = Relay(settings, process=True).start()  # its own process: storing and delivering on two cores
         ingest.after_commit = relay.wake
         log.info("relaying to %s", " and ".join(redact(u) for u in (settings.upstream_mqtt, settings.upstream_http)
                                                   if u))

@@ -20,13 +20,15 @@ renewed at every connect.
 
 Throughput: the writer takes what is queued (up to `BATCH` messages) and
 stores it in one transaction, one commit and one fsync, then acknowledges
-every message of the batch. A message that fails alone is undone alone
-(a savepoint) and left unacknowledged.
+every message of the batch. When a message cannot be stored, the batch is
+undone and its messages are stored one transaction each, so only the one
+that fails is left unacknowledged.
 
 Relay: when a platform target is configured (`settings.relays`), each
 stored message's NGSI-LD entities (`fleet.ngsi.entities`) enter the
 upstream outbox in the same transaction, and `after_commit` (the relay's
-`wake`) is called after each commit. With `settings.share_group`, the
+`wake`) is called after each commit. `fleet serve` runs the relay in a
+child process, so storing and delivering do not share one interpreter. With `settings.share_group`, the
 sequenced kinds (telemetry, health, events, replies) are subscribed as
 `$share/<group>/...`, so the broker spreads them over every worker of the
 group; births and states (retained, and rare) go to every worker.
@@ -337,21 +339,32 @@ class Ingest:
             except PayloadError as exc:
                 log.warning("invalid payload on %s: %s", topic, exc.reason)
                 parsed.append((topic, payload, retained, mid, qos, received_at, exc))
-        acks = []
         outcomes = dict.fromkeys(("stored", "duplicates", "invalid", "errors"), 0)
+        acks = []
         try:
             with registry.batch():
                 for item in parsed:
                     outcome = self._store(registry, *item)
                     outcomes[outcome] += 1
-                    if outcome != "errors":
-                        acks.append(item[3:5])
+                    acks.append(item[3:5])
         except Exception:
-            # the commit failed (disk full...): nothing of the batch is acknowledged,
-            # so the broker sends it all again after the next reconnect
-            log.exception("could not commit a batch of %d messages", len(items))
-            self._count("errors", len(items))
-            return
+            # one message that cannot be stored (a bug), or a commit that failed (disk
+            # full...): the batch is undone; store its messages one transaction each,
+            # so only those that fail stay unacknowledged (the broker sends them again
+            # after the next reconnect)
+            log.warning("a batch of %d messages could not be stored together; storing them one by one",
+                        len(items), exc_info=True)
+            outcomes = dict.fromkeys(outcomes, 0)
+            acks = []
+            for item in parsed:
+                try:
+                    outcome = self._store(registry, *item)
+                except Exception:
+                    log.exception("could not store the message on %s", item[0])
+                    outcome = "errors"
+                outcomes[outcome] += 1
+                if outcome != "errors":
+                    acks.append(item[3:5])
         with self._lock:
             for name, n in outcomes.items():
                 self.counters[name] += n
@@ -362,20 +375,14 @@ class Ingest:
 
     def _store(self, registry: Registry, topic: str, payload: bytes, retained: bool, mid: int, qos: int,
                received_at: datetime, parsed) -> str:
-        """Store one parsed message, or record it as invalid (inside the writer's batch);
-        return the counter it goes to."""
-        try:
-            if isinstance(parsed, PayloadError):
-                registry.record_invalid(topic, parsed.reason, payload, node=parsed.node, received_at=received_at)
-                return "invalid"
-            node, kind, data = parsed
-            result = registry.ingest(node, kind, data, received_at, retained=retained, upstream=self._upstream)
-            return "stored" if result == "stored" else "duplicates"
-        except Exception:
-            # A bug or a registry failure: not acknowledged, so the broker
-            # sends it again after the next reconnect.
-            log.exception("could not store the message on %s", topic)
-            return "errors"
+        """Store one parsed message, or record it as invalid; return the counter it goes to.
+        Raises when the registry cannot (inside a batch, that undoes the batch)."""
+        if isinstance(parsed, PayloadError):
+            registry.record_invalid(topic, parsed.reason, payload, node=parsed.node, received_at=received_at)
+            return "invalid"
+        node, kind, data = parsed
+        result = registry.ingest(node, kind, data, received_at, retained=retained, upstream=self._upstream)
+        return "stored" if result == "stored" else "duplicates"
 
     def _ack(self, mid: int, qos: int) -> None:
         client = self._client

@@ -23,6 +23,7 @@ kind, a payload without its envelope) raises NGSIError.
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime, timedelta
 
@@ -196,10 +197,20 @@ def _announced(node: dict) -> dict:
     """The node's birth channels {name: sensor kind}; {} before a birth (or unreadable)."""
     raw = node.get("channels")
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return {}
+        return _announced_text(raw)
+    return _channel_kinds(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _announced_text(raw: str) -> dict:
+    # the registry keeps the channels as JSON text, the same for every message of a node
+    try:
+        return _channel_kinds(json.loads(raw))
+    except ValueError:
+        return {}
+
+
+def _channel_kinds(raw) -> dict:
     if not isinstance(raw, dict):
         return {}
     return {n: v["sensor"] for n, v in raw.items() if isinstance(v, dict) and isinstance(v.get("sensor"), str)}
@@ -236,21 +247,28 @@ def _value(agg: dict, aggregate: str, convert):
     return convert(v) if convert else v
 
 
+#: channel name without the kind -> the TELEMETRY rows that may read it, as
+#: (position in TELEMETRY, entity type, row): a message is mapped by the rows
+#: of the channels it has, not by all of them.
+_ROWS_BY_BASE: dict[str, list[tuple]] = {}
+for _i, (_type, _row) in enumerate((t, r) for t, rows in TELEMETRY.items() for r in rows):
+    for _src in _row[4]:
+        _ROWS_BY_BASE.setdefault(_src[1], []).append((_i, _type, _row))
+
+
 def _telemetry(node: str, announced: dict, payload: dict, when: _When) -> list[dict]:
     found = {}
     for name, agg in (payload.get("ch") or {}).items():
         if isinstance(agg, dict):
             found.setdefault(_source(name, announced), agg)
     board = {_source(n, announced) for n in announced} | set(found)
-    attrs: dict[str, dict] = {}
-    for entity_type, rows in TELEMETRY.items():
-        got = {}
-        for attr, aggregate, unit, convert, sources in rows:
-            agg = _pick(sources, found, board)
-            value = None if agg is None else _value(agg, aggregate, convert)
-            if value is not None:
-                got[attr] = _prop(value, when, unit)
-        attrs[entity_type] = got
+    attrs: dict[str, dict] = {entity_type: {} for entity_type in TELEMETRY}
+    rows = {c[0]: c for _, base in found for c in _ROWS_BY_BASE.get(base, ())}
+    for _, entity_type, (attr, aggregate, unit, convert, sources) in sorted(rows.values(), key=lambda c: c[0]):
+        agg = _pick(sources, found, board)
+        value = None if agg is None else _value(agg, aggregate, convert)
+        if value is not None:
+            attrs[entity_type][attr] = _prop(value, when, unit)
     cp = _pick((("cp_pilot", "cp_state"),), found, board)
     state = _value(cp, LAST, None) if cp else None
     if state in (1, 2, 3, 4, 5, 6):

@@ -188,6 +188,11 @@ class Registry:
                  migrations: list[Callable[[Database], None]] | None = None):
         self.path = Path(path) if str(path) != ":memory:" else None
         self._in_batch = False
+        # inside a batch: node rows read once and written once at its end, and the
+        # message path's multi-row inserts gathered by table (see batch())
+        self._rows: dict[str, dict] = {}
+        self._dirty: dict[str, dict] = {}
+        self._deferred: dict[tuple, list] = {}
         self._lock = _file_lock(self.path)
         self.migrations = MIGRATIONS if migrations is None else migrations
         where = str(path)
@@ -256,17 +261,9 @@ class Registry:
     def _write(self):
         """One write transaction, taking the write lock at once (BEGIN IMMEDIATE), so two
         writers wait for each other (busy timeout) instead of failing on a lock upgrade.
-        Inside `batch()` it is a savepoint instead: it undoes only its own part on error."""
+        Inside `batch()` it is part of the batch's transaction."""
         if self._in_batch:
-            self.db.execute("SAVEPOINT one")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK TO one")
-                self.db.execute("RELEASE one")
-                raise
-            else:
-                self.db.execute("RELEASE one")
+            yield
             return
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -285,9 +282,12 @@ class Registry:
 
     @contextlib.contextmanager
     def batch(self):
-        """Many writes in one transaction (one commit, one fsync): the ingest writer stores
-        a burst of messages this way and acknowledges them after the commit. A write that
-        fails inside is undone alone (a savepoint) and its exception propagates to its caller."""
+        """Many writes in one transaction (one commit, one fsync), all or nothing: the ingest
+        writer stores a burst of messages this way and acknowledges them after the commit.
+
+        Inside, each node's row is read once and written once, at the end, and the
+        telemetry and outbox rows are inserted together; an exception undoes the
+        whole batch (the caller may then store its messages one by one)."""
         if self._in_batch:
             raise RegistryError("batches do not nest")
         with self._lock:
@@ -295,12 +295,27 @@ class Registry:
             self._in_batch = True
             try:
                 yield self
+                self._flush()
             except BaseException:
-                self._in_batch = False
+                self._end_batch()
                 self.db.rollback()
                 raise
-            self._in_batch = False
+            self._end_batch()
             self.db.commit()
+
+    def _flush(self) -> None:
+        for node, changes in self._dirty.items():
+            self.db.conn.execute(f"UPDATE nodes SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
+                                 [*changes.values(), node])
+        for (table, cols), rows in self._deferred.items():
+            self.db.conn.executemany(
+                f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", rows)
+
+    def _end_batch(self) -> None:
+        self._in_batch = False
+        self._rows.clear()
+        self._dirty.clear()
+        self._deferred.clear()
 
     @property
     def version(self) -> int:
@@ -374,7 +389,9 @@ class Registry:
                                        "node": node, "reason": reason, "size": len(payload),
                                        "excerpt": excerpt})
             if node is not None:
-                self.db.execute("UPDATE nodes SET invalid = invalid + 1 WHERE id = ?", [node])
+                self.db.conn.execute("UPDATE nodes SET invalid = invalid + 1 WHERE id = ?", [node])
+                if node in self._rows:
+                    self._rows[node]["invalid"] += 1
 
     def prune(self, retention_days: float, now: datetime | None = None) -> int:
         """Delete telemetry and health history older than the retention, and deliveries the
@@ -512,6 +529,8 @@ class Registry:
     # conveniences look the table up on every call, which cost more than the writes.
 
     def _node_row(self, node: str, at: str) -> dict:
+        if node in self._rows:
+            return dict(self._rows[node])
         cur = self.db.conn.execute("SELECT * FROM nodes WHERE id = ?", [node])
         row = cur.fetchone()
         if row is None:
@@ -520,20 +539,33 @@ class Registry:
             log.info("new node %s", node)
             cur = self.db.conn.execute("SELECT * FROM nodes WHERE id = ?", [node])
             row = cur.fetchone()
-        return dict(zip((c[0] for c in cur.description), row))
+        row = dict(zip((c[0] for c in cur.description), row))
+        if self._in_batch:
+            self._rows[node] = dict(row)
+        return row
 
     def _insert(self, table: str, row: dict) -> None:
         self.db.conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                              list(row.values()))
 
     def _insert_many(self, table: str, rows: list[dict]) -> None:
+        """Insert now, or at the end of the batch (rows nothing in the batch reads back)."""
         if rows:
-            cols = list(rows[0])
-            self.db.conn.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                     [[r[c] for c in cols] for r in rows])
+            cols = tuple(rows[0])
+            values = [[r[c] for c in cols] for r in rows]
+            if self._in_batch:
+                self._deferred.setdefault((table, cols), []).extend(values)
+            else:
+                self.db.conn.executemany(
+                    f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
 
     def _update_node(self, node: str, changes: dict) -> None:
-        if changes:
+        if not changes:
+            return
+        if self._in_batch and node in self._rows:
+            self._rows[node].update(changes)
+            self._dirty.setdefault(node, {}).update(changes)
+        else:
             self.db.conn.execute(f"UPDATE nodes SET {', '.join(f'{k} = ?' for k in changes)} WHERE id = ?",
                                  [*changes.values(), node])
 

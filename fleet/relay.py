@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -51,6 +53,7 @@ from fleet.settings import Settings, get_settings
 log = logging.getLogger("fleet.relay")
 
 COUNTERS = ("delivered", "failed", "attempts", "errors")
+_SPAWN = multiprocessing.get_context("spawn")
 
 
 class UpstreamError(Exception):
@@ -199,10 +202,19 @@ def targets(settings: Settings, worker: str) -> list:
 
 
 class Relay:
-    """Deliver the upstream outbox (see the module docstring)."""
+    """Deliver the upstream outbox (see the module docstring).
+
+    With `process=True` the delivery loop runs in a child process of its own
+    (what `fleet serve` does): storing and delivering then use two cores
+    instead of sharing one interpreter. The child stops with `stop()`, and
+    by itself within half a second when its parent dies; either way it gives
+    its leases back. `counts()`, `backlog()` and `wake()` work the same in
+    both modes.
+    """
 
     def __init__(self, settings: Settings | None = None, *, db_path: str | None = None, worker: str | None = None,
-                 batch: int = 500, lease_s: float = 30.0, retry: tuple[float, float] = (0.5, 15.0)):
+                 batch: int = 500, lease_s: float = 30.0, retry: tuple[float, float] = (0.5, 15.0),
+                 process: bool = False):
         self.settings = (settings or get_settings()).override(db=db_path)
         if not self.settings.relays:
             raise ValueError("no platform target: set IWAKI_UPSTREAM_MQTT and/or IWAKI_UPSTREAM_HTTP")
@@ -210,30 +222,43 @@ class Relay:
         self.batch = batch
         self.lease_s = lease_s
         self.retry = retry
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.process = process
         self.last_error: str | None = None
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._backlog = 0
+        # shared with the child in process mode: the counters (and the backlog last), stop and wake
+        self._values = _SPAWN.Array("q", len(COUNTERS) + 1)
+        self._stop = _SPAWN.Event()
+        self._wake = _SPAWN.Event()
+        self._runner: threading.Thread | multiprocessing.process.BaseProcess | None = None
+        self._parent: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_runner"}
 
     def start(self) -> "Relay":
-        if self._thread is not None:
+        if self._runner is not None:
             raise RuntimeError("the relay is already running")
         self._stop.clear()
         Registry(self.settings.db).close()  # fail here, not in the thread, when the registry is unusable
-        self._thread = threading.Thread(target=self._loop, name="fleet-relay", daemon=True)
-        self._thread.start()
+        if self.process:
+            self._runner = _SPAWN.Process(target=self._child, args=(os.getpid(), logging.getLogger().level),
+                                          name="fleet-relay", daemon=True)
+        else:
+            self._runner = threading.Thread(target=self._loop, name="fleet-relay", daemon=True)
+        self._runner.start()
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self._thread is None:
+        if self._runner is None:
             return
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-        self._thread = None
+        self._runner.join(timeout)
+        if self.process and self._runner.is_alive():
+            log.error("the relay process did not stop within %g s; killing it (its leases expire in %g s)",
+                      timeout, self.lease_s)
+            self._runner.kill()
+            self._runner.join(5)
+        self._runner = None
 
     def __enter__(self):
         return self.start()
@@ -241,20 +266,39 @@ class Relay:
     def __exit__(self, *exc):
         self.stop()
 
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and self._runner.is_alive()
+
     def wake(self) -> None:
         """New rows are in the outbox (the ingest writer calls this after a commit)."""
         self._wake.set()
 
     def counts(self) -> dict:
-        with self._lock:
-            return {**self.counters, "backlog": self._backlog}
+        with self._values.get_lock():
+            values = list(self._values)
+        return {**dict(zip(COUNTERS, values)), "backlog": values[-1]}
 
     def backlog(self) -> int:
-        return self._backlog
+        return self._values[-1]
 
     def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[name] += n
+        with self._values.get_lock():
+            self._values[COUNTERS.index(name)] += n
+
+    def _set_backlog(self, n: int) -> None:
+        self._values[-1] = n
+
+    def _child(self, parent: int, level: int) -> None:
+        """The child process's main: the parent stops it (Ctrl-C reaches the whole process group)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._parent = parent
+        self._loop()
+
+    def _orphaned(self) -> bool:
+        return self._parent is not None and os.getppid() != self._parent
 
     def _loop(self) -> None:
         registry = Registry(self.settings.db)
@@ -263,10 +307,13 @@ class Relay:
         next_count = 0.0
         try:
             while not self._stop.is_set():
+                if self._orphaned():
+                    log.warning("the fleet process that started this relay is gone; stopping")
+                    break
                 try:
                     rows = registry.claim_upstream(self.worker, self.batch, self.lease_s)
                     if time.monotonic() >= next_count or not rows:
-                        self._backlog = registry.upstream_backlog()
+                        self._set_backlog(registry.upstream_backlog())
                         next_count = time.monotonic() + 1.0
                 except Exception:
                     log.exception("cannot read the upstream outbox")
@@ -284,7 +331,7 @@ class Relay:
                         refused.update(target.deliver(rows))
                 except UpstreamError as exc:
                     if self.last_error != str(exc):
-                        log.warning("%s; %d entities wait in the outbox, retrying", exc, self._backlog)
+                        log.warning("%s; %d entities wait in the outbox, retrying", exc, self.backlog())
                     self.last_error = str(exc)
                     self._count("errors")
                     _try(registry.finish_upstream, self.worker, [], error=str(exc))

@@ -30,7 +30,7 @@ SEQ_KINDS = ("telemetry", "health", "event", "reply")
 MAX_PAYLOAD = 16384
 
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,31}$")
-_TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TS = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
 _REASON_MAX = 200
 
 
@@ -96,7 +96,10 @@ def validate(kind: str, payload: dict) -> None:
     ts = payload.get("ts") if isinstance(payload, dict) else None
     if isinstance(ts, str):
         try:
-            datetime.strptime(ts, _TS_FORMAT)
+            match = _TS.fullmatch(ts)
+            if match is None:
+                raise ValueError(ts)
+            datetime(*map(int, match.groups()))  # a real date and time (no 30 February)
         except ValueError:
             raise PayloadError(f"{kind}: ts: {ts!r} is not a real UTC time") from None
 

@@ -184,6 +184,38 @@ def test_qos1_messages_sent_while_the_fleet_is_stopped_arrive_when_it_returns(fl
         assert r.stats()["gaps"] == 0
 
 
+def test_a_message_that_cannot_be_stored_holds_back_only_itself(fleet, node, settings, monkeypatch, caplog):
+    """Its batch is undone and stored one message at a time; the failed one is not acknowledged,
+    so the broker sends it again and it is stored once the fleet can."""
+    first = fleet()
+    first.stop()                                     # the session exists; the burst below queues in it
+    n = node()
+    for seq in range(20):
+        n.send("telemetry", P.telemetry(seq=seq))
+    n.send("telemetry", P.telemetry(node="env-0002", seq=0), node="env-0002")
+    real = Registry.ingest
+
+    def broken(self, node_id, *args, **kwargs):
+        if node_id == "env-0002":
+            raise RuntimeError("a bug for this node only")
+        return real(self, node_id, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "ingest", broken)
+    with caplog.at_level(logging.WARNING, logger="fleet.ingest"):
+        second = fleet()
+        wait_for(lambda: second.counts()["stored"] == 20 and second.counts()["errors"] == 1, what="the burst")
+    assert "one by one" in caplog.text
+    with registry(settings) as r:
+        assert r.stats()["telemetry_stored"] == 20 and r.node("env-0002") is None
+    second.stop()
+    monkeypatch.undo()
+    third = fleet()                                  # the broker sends the unacknowledged one again
+    wait_for(lambda: third.counts()["stored"] == 1, what="the held-back message")
+    assert third.counts()["received"] == 1
+    with registry(settings) as r:
+        assert r.stats()["telemetry_stored"] == 21 and r.stats()["duplicates"] == 0
+
+
 def test_retained_birth_is_taken_at_start_without_faking_a_sign_of_life(fleet, node, settings):
     n = node()
     n.send("birth", P.birth(boot=2), retain=True)

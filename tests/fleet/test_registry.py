@@ -205,6 +205,97 @@ def test_a_crash_between_seen_and_store_leaves_neither(reg, monkeypatch):
     assert reg.stats()["telemetry_stored"] == 1
 
 
+def _messages(seed: int) -> list[tuple]:
+    """A random stream from three nodes: births (some retained), states, every sequenced kind,
+    duplicates, late and lost messages, reboots and invalid payloads."""
+    import random
+    rnd = random.Random(seed)
+    nodes = ["env-0001", "env-0002", "env-0003"]
+    seqs = {n: 0 for n in nodes}
+    boots = {n: 1 for n in nodes}
+    out = []
+    for i in range(300):
+        n = rnd.choice(nodes)
+        roll = rnd.random()
+        if roll < 0.03:
+            boots[n] += 1
+            seqs[n] = 0
+            out.append(("birth", n, P.birth(node=n, boot=boots[n]), rnd.random() < 0.3))
+            continue
+        if roll < 0.06:
+            out.append(("state", n, P.state(node=n, boot=boots[n], value=rnd.choice(["online", "offline"])),
+                        rnd.random() < 0.3))
+            continue
+        if roll < 0.08:
+            out.append(("invalid", n, None, False))
+            continue
+        seq = seqs[n] + (rnd.random() < 0.1)                       # now and then one is lost...
+        if rnd.random() < 0.1:
+            seq = max(0, seq - rnd.randint(1, 3))                  # ...or comes again, or late
+        seqs[n] = max(seqs[n], seq + 1)
+        kind = rnd.choice(["telemetry", "telemetry", "telemetry", "health", "event", "reply"])
+        out.append((kind, n, getattr(P, kind)(node=n, boot=boots[n], seq=seq), False))
+    return out
+
+
+def _contents(reg) -> dict:
+    tables = ["nodes", "seen", "telemetry", "health", "events", "replies", "gaps", "invalid", "upstream"]
+    return {t: sorted(tuple(v for k, v in row.items() if k != "id") for row in reg.db[t].rows) for t in tables}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_stores_exactly_what_one_message_at_a_time_stores(tmp_path, seed):
+    """The batch path (node rows written once, inserts gathered) against the plain one."""
+    one, many = Registry(tmp_path / "one.db"), Registry(tmp_path / "many.db")
+    try:
+        stream = _messages(seed)
+
+        def store(r, i, kind, node, payload, retained):
+            if kind == "invalid":
+                r.record_invalid(f"iwaki/{node}/telemetry", "not JSON", b"{", node=node, received_at=at(i))
+            else:
+                r.ingest(node, kind, payload, at(i), retained=retained, upstream=_upstream)
+
+        for i, message in enumerate(stream):
+            store(one, i, *message)
+        for start in range(0, len(stream), 37):
+            with many.batch():
+                for i, message in enumerate(stream[start:start + 37], start):
+                    store(many, i, *message)
+        assert _contents(many) == _contents(one)
+        assert one.stats()["duplicates"] > 0 and one.stats()["gaps"] > 0 and one.stats()["invalid"] > 0
+    finally:
+        one.close()
+        many.close()
+
+
+def _upstream(node_row, kind, payload, at):
+    # what the relay would be given: the node row as it is after this message
+    return [{"id": f"urn:test:{node_row['id']}:{payload['boot']}:{payload['seq']}", "type": kind,
+             "state": node_row["state"], "lastSeq": node_row["last_seq"], "gaps": node_row["gaps"],
+             "invalid": node_row["invalid"]}]
+
+
+def test_a_batch_is_all_or_nothing(reg):
+    with reg.batch():
+        for seq in range(3):
+            reg.ingest(P.NODE, "telemetry", P.telemetry(seq=seq), at(seq), upstream=_upstream)
+    before = _contents(reg)
+    with pytest.raises(RuntimeError):
+        with reg.batch():
+            reg.ingest(P.NODE, "telemetry", P.telemetry(seq=3), at(3), upstream=_upstream)
+            reg.ingest(P.NODE, "telemetry", P.telemetry(seq=9), at(4), upstream=_upstream)  # a gap
+            raise RuntimeError("a bug while storing")
+    assert _contents(reg) == before
+    with reg.batch():        # nothing of the undone batch lingers in its node rows
+        assert reg.ingest(P.NODE, "telemetry", P.telemetry(seq=3), at(5)) == "stored"
+    assert (reg.node(P.NODE)["last_seq"], reg.node(P.NODE)["gaps"]) == (3, 0)
+    with pytest.raises(RegistryError, match="do not nest"):
+        with reg.batch():
+            with reg.batch():
+                pass
+
+
 # -- gaps --
 
 def test_gap_is_recorded_then_shrunk_and_closed_by_late_messages(reg):

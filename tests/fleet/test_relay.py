@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from datetime import timedelta
 
 import paho.mqtt.client as mqtt
@@ -150,11 +151,11 @@ class Nodes:
         self.client.loop_stop()
 
 
-def relaying(settings, broker):
+def relaying(settings, broker, process=False):
     """Start the fleet's ingest and relay on `settings`, and paho clients publishing as nodes;
     returns (ingest, relay, nodes, stop), stop() stopping all three."""
     ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
-    relay = Relay(settings, retry=(0.1, 0.5)).start()
+    relay = Relay(settings, retry=(0.1, 0.5), process=process).start()
     ingest.after_commit = relay.wake
     nodes = Nodes(broker.port)
 
@@ -163,6 +164,25 @@ def relaying(settings, broker):
         ingest.stop()
         relay.stop()
     return ingest, relay, nodes, stop
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def wait_for(predicate, timeout=20.0, what="condition"):
@@ -231,7 +251,7 @@ def test_ngsi_ld_http_upserts_survive_a_platform_restart_and_refusals_are_counte
     server = NgsiLdServer(store, refuse={"Device"}).start()
     settings = Settings(db=str(tmp_path / "f.db"), mqtt_port=broker.port, client_id="relay-http",
                         upstream_http=server.url)
-    ingest, relay, nodes, stop = relaying(settings, broker)
+    ingest, relay, nodes, stop = relaying(settings, broker, process=True)   # as `fleet serve` runs it
     try:
         nodes.births()
         nodes.telemetry(range(0, 10))
@@ -249,9 +269,11 @@ def test_ngsi_ld_http_upserts_survive_a_platform_restart_and_refusals_are_counte
             failed = r.upstream_stats()["failed"]
             types = {row[0] for row in r.db.execute("SELECT entity_type FROM upstream WHERE failed_at IS NOT NULL")}
         assert failed == relay.counts()["failed"] and failed > 0 and types == {"Device"}
+        assert relay.running
     finally:
         stop()
         server.stop()
+    assert not relay.running
 
 
 @pytest.mark.broker
@@ -317,8 +339,11 @@ def test_two_workers_share_the_load_and_one_can_be_killed_and_restarted(tmp_path
         wait_for(lambda: any("connected to" in line for line in logs), what="worker B to connect")
         nodes.births()
         nodes.telemetry(range(0, 30))
+        relay_b = children(b.pid)                      # B relays from a child process of its own
+        assert relay_b
         b.send_signal(signal.SIGKILL)
         b.wait(10)
+        wait_for(lambda: not any(alive(pid) for pid in relay_b), timeout=10, what="B's relay to stop by itself")
         nodes.telemetry(range(30, 50))
         b = worker_b()
         nodes.telemetry(range(50, 60))
