@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleet.mqtt_client import Client
 from fleet.registry import Registry
 from fleet.schemas import NODE_KINDS, SEQ_KINDS, PayloadError, parse, subscriptions
 from fleet.settings import Settings, get_settings
@@ -216,7 +217,7 @@ class Ingest:
 
     def _connect(self, timeout: float) -> None:
         s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=False,
+        client = Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=False,
                              protocol=mqtt.MQTTv311, manual_ack=True)
         if s.mqtt_user:
             client.username_pw_set(s.mqtt_user, s.mqtt_password)

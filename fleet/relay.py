@@ -47,6 +47,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fleet.mqtt_client import Client
 from fleet.registry import Registry
 from fleet.settings import Settings, get_settings
 
@@ -81,7 +82,7 @@ class MqttTarget:
         self.prefix = parts.path.strip("/") or "iwaki/ngsi-ld"
         self.timeout = timeout
         self._connected = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+        self.client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                                   protocol=mqtt.MQTTv311)
         if parts.username:
             self.client.username_pw_set(unquote(parts.username), unquote(parts.password or ""))
