@@ -439,26 +439,33 @@ class Registry:
         worker died), then taken over; rows this worker already holds come back
         first, so a failed batch is retried before anything newer.
         """
-        now = now or utc_now()
-        until = iso(now + timedelta(seconds=lease_s))
         with self._write():
-            rows = list(self.db.query(
-                "SELECT id, node, boot, seq, kind, entity_id, entity_type, body, attempts FROM upstream "
-                "WHERE delivered_at IS NULL AND failed_at IS NULL "
-                "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?) ORDER BY id LIMIT ?",
-                [worker, iso(now), limit]))
-            if rows:
-                self.db.execute(
-                    f"UPDATE upstream SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
-                    f"WHERE id IN ({','.join('?' * len(rows))})", [worker, until, *[r["id"] for r in rows]])
+            return self._claim(worker, limit, lease_s, now or utc_now())
+
+    def _claim(self, worker: str, limit: int, lease_s: float, now: datetime) -> list[dict]:
+        rows = list(self.db.query(
+            "SELECT id, node, boot, seq, kind, entity_id, entity_type, body, attempts FROM upstream "
+            "WHERE delivered_at IS NULL AND failed_at IS NULL "
+            "AND (lease_owner IS NULL OR lease_owner = ? OR lease_until < ?) ORDER BY id LIMIT ?",
+            [worker, iso(now), limit]))
+        if rows:
+            self.db.execute(
+                f"UPDATE upstream SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
+                f"WHERE id IN ({','.join('?' * len(rows))})",
+                [worker, iso(now + timedelta(seconds=lease_s)), *[r["id"] for r in rows]])
         return rows
 
     def finish_upstream(self, worker: str, delivered: list[int], failed: dict[int, str] | None = None,
-                        error: str | None = None, now: datetime | None = None) -> None:
+                        error: str | None = None, now: datetime | None = None, claim: int = 0,
+                        lease_s: float = 30.0) -> list[dict]:
         """Record a delivery attempt: `delivered` ids are done; `failed` ids ({id: reason}) were
         refused by the platform for good and leave the queue (kept, counted, visible); on
-        `error` (platform unreachable) the rest keep their lease and are retried first."""
-        at = iso(now or utc_now())
+        `error` (platform unreachable) the rest keep their lease and are retried first.
+
+        With `claim`, the next `claim` rows are leased (as `claim_upstream`) in the same
+        transaction, one commit for both, and returned."""
+        now = now or utc_now()
+        at = iso(now)
         with self._write():
             for chunk in _chunks(delivered, 500):
                 self.db.execute(f"UPDATE upstream SET delivered_at = ?, lease_owner = NULL, lease_until = NULL, "
@@ -469,6 +476,7 @@ class Registry:
             if error:
                 self.db.execute("UPDATE upstream SET last_error = ? WHERE lease_owner = ? AND delivered_at IS NULL",
                                 [error[:500], worker])
+            return self._claim(worker, claim, lease_s, now) if claim else []
 
     def release_upstream(self, worker: str) -> None:
         """Give back `worker`'s leases (a clean stop), so another worker takes them at once."""

@@ -306,24 +306,28 @@ class Relay:
         outs = targets(self.settings, self.worker)
         pause = self.retry[0]
         next_count = 0.0
+        rows = None  # leased and not yet delivered; None: claim first
         try:
             while not self._stop.is_set():
                 if self._orphaned():
                     log.warning("the fleet process that started this relay is gone; stopping")
                     break
                 try:
-                    rows = registry.claim_upstream(self.worker, self.batch, self.lease_s)
+                    if rows is None:
+                        rows = registry.claim_upstream(self.worker, self.batch, self.lease_s)
                     if time.monotonic() >= next_count or not rows:
                         self._set_backlog(registry.upstream_backlog())
                         next_count = time.monotonic() + 1.0
                 except Exception:
                     log.exception("cannot read the upstream outbox")
                     self._count("errors")
+                    rows = None
                     self._stop.wait(pause)
                     continue
                 if not rows:
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    rows = None
                     continue
                 self._count("attempts")
                 try:
@@ -336,16 +340,20 @@ class Relay:
                     self.last_error = str(exc)
                     self._count("errors")
                     _try(registry.finish_upstream, self.worker, [], error=str(exc))
+                    rows = None  # still ours: the next claim returns them first
                     self._stop.wait(pause * random.uniform(0.8, 1.2))
                     pause = min(pause * 2, self.retry[1])
                     continue
                 delivered = [r["id"] for r in rows if r["id"] not in refused]
                 try:
-                    registry.finish_upstream(self.worker, delivered, refused)
+                    # recorded, and the next batch leased, in one transaction
+                    rows = registry.finish_upstream(self.worker, delivered, refused, claim=self.batch,
+                                                    lease_s=self.lease_s)
                 except Exception:
                     # not recorded: the rows stay leased to us and are sent again (idempotent)
                     log.exception("could not record %d deliveries; they will be sent again", len(delivered))
                     self._count("errors")
+                    rows = None
                     self._stop.wait(pause)
                     continue
                 if self.last_error is not None:

@@ -74,6 +74,18 @@ def test_leases_keep_workers_apart_and_a_dead_workers_rows_are_taken_over(tmp_pa
         assert r.upstream_stats()["backlog"] == 6 and r.upstream_stats()["delivered"] == 4
 
 
+def test_finishing_a_batch_can_lease_the_next_in_the_same_transaction(tmp_path):
+    with Registry(tmp_path / "f.db") as r:
+        for seq in range(5):
+            r.ingest(P.NODE, "telemetry", P.telemetry(seq=seq), upstream=fake_upstream)
+        first = r.claim_upstream("a", 2, 30)
+        nxt = r.finish_upstream("a", [x["id"] for x in first], claim=2, lease_s=30)
+        assert [x["seq"] for x in nxt] == [2, 3]
+        assert [x["seq"] for x in r.claim_upstream("b", 10, 30)] == [4]            # leased to a, not to b
+        assert r.finish_upstream("a", [x["id"] for x in nxt]) == []                # no claim: nothing leased
+        assert r.upstream_stats()["delivered"] == 4 and r.upstream_backlog() == 1
+
+
 def test_refused_rows_leave_the_queue_but_stay_visible(tmp_path):
     with Registry(tmp_path / "f.db") as r:
         for seq in range(3):
