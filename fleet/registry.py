@@ -181,6 +181,10 @@ MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_credentials
 
 # -- the registry ---------------------------------------------------------------
 
+#: Rows `Registry.prune` deletes per transaction.
+PRUNE_CHUNK = 10_000
+
+
 class Registry:
     """The fleet's SQLite registry at `path` (created, with parents, unless `create` is false)."""
 
@@ -394,17 +398,57 @@ class Registry:
                     self._rows[node]["invalid"] += 1
 
     def prune(self, retention_days: float, now: datetime | None = None) -> int:
-        """Delete telemetry and health history older than the retention, and deliveries the
-        platform took more than a day ago (or the retention, if shorter); nodes, events,
-        alerts, gaps, refused deliveries and the audit log are kept. Returns rows deleted."""
+        """Delete what is older than the retention: telemetry, health history and the
+        de-duplication record (`seen`: a message re-sent after that long is stored again),
+        and deliveries the platform took more than a day ago (or the retention, if shorter).
+        Nodes, events, replies, alerts, gaps, refused deliveries and the audit log are kept.
+
+        Rows are appended in the order they arrive, so the old ones are found by rowid
+        (a binary search, not a scan) and deleted `PRUNE_CHUNK` at a time, each chunk
+        its own transaction: a pass costs what it deletes, not the size of the tables,
+        and never holds the write lock for long. Returns the rows deleted."""
         now = now or utc_now()
         cut = iso(now - timedelta(days=retention_days))
         delivered_cut = iso(now - timedelta(days=min(retention_days, 1.0)))
-        with self._write():
-            n = self.db.execute("DELETE FROM telemetry WHERE received_at < ?", [cut]).rowcount
-            n += self.db.execute("DELETE FROM health WHERE received_at < ?", [cut]).rowcount
-            n += self.db.execute("DELETE FROM upstream WHERE delivered_at < ?", [delivered_cut]).rowcount
+        n = 0
+        for table in ("telemetry", "health", "seen"):
+            end = self._rowid_from(table, cut)
+            n += self._delete_chunks(f"SELECT rowid FROM {table} WHERE rowid < ? AND received_at < ? "
+                                     f"ORDER BY rowid LIMIT ?", table, [end, cut])
+        n += self._delete_chunks("SELECT rowid FROM upstream WHERE delivered_at < ? LIMIT ?",  # indexed
+                                 "upstream", [delivered_cut])
         return n
+
+    def _rowid_from(self, table: str, cut: str) -> int:
+        """A rowid before which `table`'s rows were received before `cut` and from which they
+        were not: rows are appended as they arrive, so received_at grows with the rowid
+        (a row another worker stamped a little out of order is taken by a later pass)."""
+        # one aggregate per query: SQLite reads min() or max() of the rowid from the b-tree's
+        # edge only when it is alone (both at once is a scan)
+        first = self.db.conn.execute(f"SELECT min(rowid) FROM {table}").fetchone()[0]
+        if first is None:
+            return 0
+        last = self.db.conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
+        lo, hi = first, last + 1   # rows below lo are old; rows from hi on are new
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = self.db.conn.execute(f"SELECT rowid, received_at FROM {table} WHERE rowid >= ? AND rowid < ? "
+                                       f"ORDER BY rowid LIMIT 1", [mid, hi]).fetchone()
+            if row is not None and row[1] < cut:
+                lo = row[0] + 1
+            else:
+                hi = mid
+        return lo
+
+    def _delete_chunks(self, select: str, table: str, args: list) -> int:
+        n = 0
+        while True:
+            with self._write():
+                deleted = self.db.conn.execute(f"DELETE FROM {table} WHERE rowid IN ({select})",
+                                               [*args, PRUNE_CHUNK]).rowcount
+            n += deleted
+            if deleted < PRUNE_CHUNK:
+                return n
 
     def mark_stale(self, offline_after_s: float, now: datetime | None = None) -> list[str]:
         """Turn online nodes not heard within `offline_after_s` offline (reason "timeout").

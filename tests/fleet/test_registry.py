@@ -383,15 +383,46 @@ def test_times_round_trip():
     assert iso(datetime(2024, 5, 1, 21, 0, tzinfo=timezone(timedelta(hours=9)))) == "2024-05-01T12:00:00.000Z"
 
 
-def test_retention_deletes_old_telemetry_and_health_only(tmp_path):
+def test_retention_deletes_old_telemetry_health_and_dedup_records_only(tmp_path):
     with Registry(tmp_path / "fleet.db") as r:
         r.ingest(P.NODE, "telemetry", P.telemetry(seq=0), at(0))
         r.ingest(P.NODE, "health", P.health(seq=1), at(0))
         r.ingest(P.NODE, "event", P.event(seq=2), at(0))
         later = at(0) + timedelta(days=100)
         r.ingest(P.NODE, "telemetry", P.telemetry(seq=3), later)
-        assert r.prune(90, now=later) == 3                 # 2 telemetry rows (channels) + 1 health
+        assert r.prune(90, now=later) == 6                 # 2 telemetry rows (channels), 1 health, 3 seen
         assert rows(r, "SELECT count(DISTINCT seq) AS n FROM telemetry") == [{"n": 1}]
         assert rows(r, "SELECT count(*) AS n FROM events") == [{"n": 1}]
+        assert [x["seq"] for x in rows(r, "SELECT seq FROM seen")] == [3]
+        assert r.ingest(P.NODE, "telemetry", P.telemetry(seq=3), later) == "duplicate"   # recent: still known
         assert r.node(P.NODE) is not None
         assert r.prune(90, now=later) == 0
+
+
+def test_retention_works_in_chunks_and_never_deletes_a_newer_row(tmp_path, monkeypatch):
+    import fleet.registry
+    monkeypatch.setattr(fleet.registry, "PRUNE_CHUNK", 7)
+    with Registry(tmp_path / "fleet.db") as r:
+        for seq in range(30):
+            r.ingest(P.NODE, "telemetry", P.telemetry(seq=seq), at(seq))
+        now = at(0) + timedelta(days=90, seconds=20)      # seq 0..19 are past the retention
+        r.ingest(P.NODE, "telemetry", P.telemetry(seq=30), at(5))   # stamped out of order by another worker
+        assert r.prune(90, now=now) == 20 * 2 + 20
+        kept = [x["seq"] for x in rows(r, "SELECT seq FROM seen ORDER BY seq")]
+        assert kept[:10] == list(range(20, 30))           # every newer row is still there
+        assert r.prune(90, now=now + timedelta(days=1)) == 11 * 2 + 11     # the out-of-order one goes too
+        assert rows(r, "SELECT count(*) AS n FROM telemetry") == [{"n": 0}]
+
+
+def test_a_retention_pass_costs_what_it_deletes_not_the_size_of_the_tables(tmp_path):
+    with Registry(tmp_path / "fleet.db") as r:
+        with r.batch():
+            for seq in range(5000):
+                r.ingest(P.NODE, "telemetry", P.telemetry(seq=seq), at(seq))
+        steps = []
+        r.db.conn.set_progress_handler(lambda: steps.append(1), 1000)    # every 1000 VM instructions
+        assert r.prune(90, now=at(5000)) == 0
+        quiet = len(steps)
+        steps.clear()
+        r.db.execute("SELECT count(*) FROM telemetry WHERE received_at < ?", [iso(at(0))]).fetchone()
+        assert quiet * 20 < len(steps)                    # far less than one scan of one table
