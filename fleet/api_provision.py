@@ -44,7 +44,7 @@ from fleet.settings import Settings
 log = logging.getLogger("fleet.api_provision")
 
 BOARDS_DIR = Path(__file__).resolve().parents[1] / "boards"
-#: node id prefix per board name (the demo uses the same); other boards use their own name
+#: node id prefix per board name (the demo's mix of boards, too); other boards use their own name
 PREFIXES = {"env-station": "env", "people-gate": "gate", "ev-charger": "ev", "river-station": "river"}
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,31}$")
 _SITE = re.compile(r"^[\w][\w .,/#()-]{0,63}$")

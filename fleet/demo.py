@@ -20,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleet.api_provision import PREFIXES
 from fleet.mosquitto import Mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fleet.demo")
 
 
-BOARDS = {"env-station": "env", "people-gate": "gate", "ev-charger": "ev", "river-station": "river"}
+#: the demo's board mix, with the node id prefix provisioning gives each board
+BOARDS = PREFIXES
 
 
 def add_arguments(p) -> None:
