@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet import credentials, health, tokens
@@ -354,6 +355,63 @@ async def node_health(reg: Reg, node_id: NodeId, page: Paging, times: Times,
                    "received_at DESC, id DESC", _decoded("payload"))
 
 
+class CommandRequest(BaseModel):
+    """A command for one node (docs/mqtt.md, cmd and reply). OTA updates go through rollouts."""
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["ping", "health"]
+    args: dict = {}
+
+
+_UNAVAILABLE = {503: {"model": Problem, "description": "the fleet cannot reach the nodes' broker now (`unavailable`)"}}
+
+
+@nodes_router.post("/{node_id}/commands", status_code=202, summary="Send a command to a node",
+                   responses=_NOT_FOUND | _UNAVAILABLE)
+async def send_command(request: Request, reg: Reg, node_id: NodeId, body: CommandRequest,
+                       caller: Annotated[Caller, Depends(requires("operator", "technician"))]) -> dict:
+    """`ping` (the node answers with its uptime) or `health` (it publishes a health report now).
+    Sent with QoS 1 once the broker has it (202); the node's answer arrives in
+    `GET .../replies?cmd_id=<id>`. A node that is offline gets it when it reconnects, if its
+    broker session kept it. Every command is in the audit log (`node.command`)."""
+    node = _node_or_404(reg, node_id)
+    ingest = getattr(request.app.state, "ingest", None)
+    if ingest is None:
+        raise ApiError(503, "unavailable", "this API is not connected to the nodes' broker; "
+                       "send commands through the API of `fleet serve`")
+    from fleet.ingest import IngestError
+    try:
+        cmd_id = await run_in_threadpool(ingest.command, node_id, body.name, body.args)
+    except IngestError as exc:
+        raise ApiError(503, "unavailable", str(exc)) from None
+    sent_at = iso(utc_now())
+    with reg.transaction():
+        reg.db["audit"].insert({"at": sent_at, "actor": caller.name, "action": "node.command", "target": node_id,
+                                "detail": f"{body.name} {cmd_id}"})
+    return {"id": cmd_id, "node": node_id, "name": body.name, "args": body.args, "sent_at": sent_at,
+            "node_state": node["state"], "replies": f"{PREFIX}/nodes/{node_id}/replies?cmd_id={cmd_id}"}
+
+
+@nodes_router.get("/{node_id}/replies", summary="A node's answers to commands", responses=_NOT_FOUND)
+async def node_replies(reg: Reg, node_id: NodeId, page: Paging, times: Times,
+                       _: Annotated[Caller, Depends(requires(*READERS))],
+                       cmd_id: Annotated[str | None, Query(description="only the answers to this command")] = None
+                       ) -> dict:
+    """Newest first; `result` is what the node answered, `error` why it could not."""
+    _node_or_404(reg, node_id)
+    clauses, args = times.where()
+    clauses, args = ["node = ?", *clauses], [node_id, *args]
+    if cmd_id:
+        clauses.append("cmd_id = ?")
+        args.append(cmd_id)
+
+    def row(r: dict) -> dict:
+        r = _decoded("result")(r)
+        r["ok"] = bool(r["ok"])
+        return r
+
+    return page_of(reg, page, "SELECT * FROM replies" + _where(clauses), args, "received_at DESC, id DESC", row)
+
+
 # -- events, alerts, gaps -------------------------------------------------------
 
 events_router = APIRouter(prefix=PREFIX, tags=["events"], responses=_ERRORS)
@@ -564,7 +622,8 @@ def create_app(settings: Settings, *, ingest=None, relay=None, dashboard: Path |
     """The API for the registry at `settings.db`.
 
     `ingest` (a running `fleet.ingest.Ingest`) and `relay` (with `counts()` and
-    `backlog()`) add their live counters to /metrics. The dashboard's files
+    `backlog()`) add their live counters to /metrics; `ingest` also sends the
+    node commands (without it, those answer 503). The dashboard's files
     in `dashboard` (fleet/dashboard/) are served at / and /static when that
     directory has an index.html.
     """
@@ -574,6 +633,7 @@ def create_app(settings: Settings, *, ingest=None, relay=None, dashboard: Path |
                               "see docs/api.md for the roles.",
                   openapi_tags=TAGS)
     app.state.settings = settings
+    app.state.ingest = ingest
     app.state.metrics = FleetMetrics(settings.db, ingest=ingest, relay=relay)
     for router in ROUTERS:
         app.include_router(router)

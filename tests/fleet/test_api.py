@@ -49,6 +49,8 @@ ACCESS = {
     ("GET", "/api/v1/nodes/{node_id}"): READERS,
     ("GET", "/api/v1/nodes/{node_id}/telemetry"): READERS | {"platform"},
     ("GET", "/api/v1/nodes/{node_id}/health"): READERS,
+    ("POST", "/api/v1/nodes/{node_id}/commands"): {"admin", "operator", "technician"},
+    ("GET", "/api/v1/nodes/{node_id}/replies"): READERS,
     ("GET", "/api/v1/events"): READERS | {"platform"},
     ("GET", "/api/v1/alerts"): READERS,
     ("POST", "/api/v1/alerts/{alert_id}/ack"): {"admin", "operator"},
@@ -495,6 +497,58 @@ def test_live_ingest_writes_while_the_api_reads(tmp_path, broker):
         assert m[("iwaki_ingest_connected", ())] == 1
         assert m[("iwaki_ingest_messages_total", (("outcome", "stored"),))] == 40
         assert m[("iwaki_telemetry_stored_total", ())] == 40
+    finally:
+        node.loop_stop()
+        node.disconnect()
+        ingest.stop()
+
+
+@pytest.mark.broker
+def test_a_command_reaches_the_node_its_answer_is_listed_and_it_is_audited(tmp_path, broker):
+    settings = Settings(db=str(tmp_path / "fleet.db"), mqtt_port=broker.port, client_id="fleet-cmd-test")
+    with Registry(settings.db) as reg:
+        token = T.issue(reg, "night-shift", "operator")
+        viewer = T.issue(reg, "wall", "viewer")
+        reg.ingest(P.NODE, "birth", P.birth())
+    ingest = Ingest(settings, reconnect_delay=(0.1, 0.5)).start()
+    got = []
+
+    def answer(client, userdata, message):          # the node: answers every command it gets
+        cmd = json.loads(message.payload)
+        got.append((message.topic, cmd))
+        client.publish(P.topic("reply"), P.encode(P.reply(seq=len(got) - 1, id=cmd["id"],
+                                                          result={"up_ms": 4242})), qos=1)
+
+    node = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cmd-test-node")
+    node.on_message = answer
+    node.connect("127.0.0.1", broker.port)
+    node.subscribe(f"iwaki/{P.NODE}/cmd/#", qos=1)
+    node.loop_start()
+    try:
+        time.sleep(0.3)
+        client = Client(create_app(settings, ingest=ingest, dashboard=None))
+        sent = ok(client.request("POST", f"/api/v1/nodes/{P.NODE}/commands", token,
+                                 json={"name": "ping"}), 202)
+        assert (sent["node"], sent["name"], sent["node_state"]) == (P.NODE, "ping", "online")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not ok(client.get(sent["replies"], viewer))["total"]:
+            time.sleep(0.05)
+        assert got == [(f"iwaki/{P.NODE}/cmd/ping", {"v": 1, "id": sent["id"], "args": {}})]
+        replies = ok(client.get(sent["replies"], viewer))["items"]
+        assert [(r["cmd_id"], r["ok"], r["result"]) for r in replies] == [(sent["id"], True, {"up_ms": 4242})]
+        with Registry(settings.db) as reg:
+            audit = [(a["actor"], a["action"], a["target"], a["detail"]) for a in reg.db["audit"].rows]
+        assert ("night-shift", "node.command", P.NODE, f"ping {sent['id']}") in audit
+        # refused with a reason: an OTA (rollouts do that), an unknown node, no broker behind the API
+        bad = error(client.request("POST", f"/api/v1/nodes/{P.NODE}/commands", token,
+                                   json={"name": "ota", "args": {}}), 422, "invalid_request")
+        assert "ping" in json.dumps(bad)
+        error(client.request("POST", "/api/v1/nodes/env-9999/commands", token, json={"name": "ping"}),
+              404, "not_found")
+        offline = Client(create_app(settings, dashboard=None))
+        assert "fleet serve" in error(offline.request("POST", f"/api/v1/nodes/{P.NODE}/commands", token,
+                                                      json={"name": "health"}), 503, "unavailable")["detail"]
+        assert len(got) == 1
     finally:
         node.loop_stop()
         node.disconnect()
