@@ -245,6 +245,17 @@ def _node_or_404(reg: Registry, node_id: str) -> dict:
     return _decoded("channels")(row)
 
 
+def _node_where(node_id: str, times: TimeRange, **equal) -> tuple[list[str], list]:
+    """The clauses of one node's rows in a time range, with `column = value` for each value given."""
+    clauses, args = times.where()
+    clauses, args = ["node = ?", *clauses], [node_id, *args]
+    for column, value in equal.items():
+        if value:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    return clauses, args
+
+
 NodeId = Annotated[str, PathParam(description="the node id, as in its topics (env-0001)")]
 
 
@@ -336,11 +347,7 @@ async def node_telemetry(reg: Reg, node_id: NodeId, page: Paging, times: Times,
                          channel: Annotated[str | None, Query(description="only this channel")] = None) -> dict:
     """One row per channel and reporting window, oldest first, filtered on received_at."""
     _node_or_404(reg, node_id)
-    clauses, args = times.where()
-    clauses, args = ["node = ?", *clauses], [node_id, *args]
-    if channel:
-        clauses.append("channel = ?")
-        args.append(channel)
+    clauses, args = _node_where(node_id, times, channel=channel)
     return page_of(reg, page, f"SELECT id, channel, {_TELEMETRY_COLUMNS}, clock_set FROM telemetry"
                    + _where(clauses), args, "received_at, id")
 
@@ -398,11 +405,7 @@ async def node_replies(reg: Reg, node_id: NodeId, page: Paging, times: Times,
                        ) -> dict:
     """Newest first; `result` is what the node answered, `error` why it could not."""
     _node_or_404(reg, node_id)
-    clauses, args = times.where()
-    clauses, args = ["node = ?", *clauses], [node_id, *args]
-    if cmd_id:
-        clauses.append("cmd_id = ?")
-        args.append(cmd_id)
+    clauses, args = _node_where(node_id, times, cmd_id=cmd_id)
 
     def row(r: dict) -> dict:
         r = _decoded("result")(r)
