@@ -386,11 +386,11 @@ async def send_command(request: Request, reg: Reg, node_id: NodeId, body: Comman
         raise ApiError(503, "unavailable", "this API is not connected to the nodes' broker; "
                        "send commands through the API of `fleet serve`")
     from fleet.ingest import IngestError
+    sent_at = iso(utc_now())  # before it leaves: a fast node's answer is never "earlier"
     try:
         cmd_id = await run_in_threadpool(ingest.command, node_id, body.name, body.args)
     except IngestError as exc:
         raise ApiError(503, "unavailable", str(exc)) from None
-    sent_at = iso(utc_now())
     with reg.transaction():
         reg.db["audit"].insert({"at": sent_at, "actor": caller.name, "action": "node.command", "target": node_id,
                                 "detail": f"{body.name} {cmd_id}"})

@@ -32,6 +32,10 @@ const app = {
   alertRows: new Map(),
   ackForbidden: null,  // the API's 403 detail once this token was refused an acknowledgement
   rolloutForbidden: null, // the same for pausing, resuming or aborting a rollout
+  commandForbidden: null, // the same for sending a command to a node (Ping, Report health now)
+  command: null,       // the node command whose answer the node page is waiting for, if any
+  commandWaitMs: 15000, // how long to wait for a node's answer to a command
+  commandPollMs: 500,  // how often to ask the API for it meanwhile
   chartSigs: new Map(),
   failedRoute: null,   // location.hash of a view the API refused (404, 403): its section stays hidden
 };
@@ -51,31 +55,45 @@ class ApiError extends Error {
   }
 }
 
-class Unreachable extends Error {}
+/** The API does not answer, or failed (>= 500: `status`, `code` and `detail` are the API's). */
+class Unreachable extends Error {
+  constructor(message, { status = null, code = null, detail = null } = {}) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.detail = detail;
+  }
+}
 
-async function api(path, { method = "GET", token = app.token } = {}) {
+/** Call the API; `body` (when given) is sent as JSON. */
+async function api(path, { method = "GET", token = app.token, body } = {}) {
+  const headers = { Authorization: `Bearer ${token}`, Accept: "application/json" };
+  const request = { method, cache: "no-store", headers };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    request.body = JSON.stringify(body);
+  }
   let resp;
   try {
-    resp = await fetch(API + path, {
-      method,
-      cache: "no-store",
-      headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
-    });
+    resp = await fetch(API + path, request);
   } catch (err) {
     throw new Unreachable(`the fleet API at ${location.host} does not answer (${err.message})`);
   }
-  let body = null;
+  let answer = null;
   try {
-    body = await resp.json();
+    answer = await resp.json();
   } catch (err) {
-    body = null;
+    answer = null;
   }
   if (!resp.ok) {
-    const detail = (body && body.detail) || `the API answered HTTP ${resp.status}`;
-    if (resp.status >= 500) throw new Unreachable(`the fleet API failed (HTTP ${resp.status}): ${detail}`);
-    throw new ApiError(resp.status, body && body.error, detail);
+    const detail = (answer && answer.detail) || `the API answered HTTP ${resp.status}`;
+    const code = (answer && answer.error) || null;
+    if (resp.status >= 500) {
+      throw new Unreachable(`the fleet API failed (HTTP ${resp.status}): ${detail}`, { status: resp.status, code, detail });
+    }
+    throw new ApiError(resp.status, code, detail);
   }
-  return body;
+  return answer;
 }
 
 /** Every item of a paginated list (at most `pages` pages of 1000). */
@@ -174,6 +192,15 @@ function timeCell(iso, relative = false) {
   return t;
 }
 
+/** An uptime, readably: "42 s", "5 min 03 s", "1 h 02 min", "3 d 4 h". */
+function duration(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${pad(s % 60)} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${pad(Math.floor((s % 3600) / 60))} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
+}
+
 const kib = (bytes) => (bytes === null || bytes === undefined ? "–" : `${(bytes / 1024).toFixed(1)} KiB`);
 const unit = (v, u) => (v === null || v === undefined ? "–" : `${v} ${u}`.trim());
 
@@ -205,6 +232,8 @@ function signOut(message, kind = "error") {
   app.token = null;
   app.ackForbidden = null;
   app.rolloutForbidden = null;
+  app.commandForbidden = null;
+  app.command = null; // a command still waiting for its answer stops there
   forgetData();
   showSignIn(message, kind);
 }
@@ -556,10 +585,12 @@ function clearNodeView() {
   setText($("node-title"), "");
   for (const id of ["node-state", "node-facts", "node-charts", "node-health"]) forget($(id));
   for (const id of ["node-alerts", "node-gaps", "node-events"]) forget($(id).tBodies[0]);
+  commandButtons("");
 }
 
 function renderNode(n) {
   setText($("node-title"), n.id);
+  commandButtons(n.id);
   $("node-state").replaceChildren(badge(n.state, `state-${n.state}`));
   const channels = n.channels && typeof n.channels === "object"
     ? Object.entries(n.channels).map(([k, v]) => `${k} (${(v && v.sensor) || "?"})`).join(", ") : "";
@@ -767,7 +798,7 @@ function alertCells(a, withNode) {
 
 async function acknowledge(button) {
   const id = button.dataset.ack;
-  const box = button.closest("section").querySelector(".notice");
+  const box = button.closest("section").querySelector(".notice[data-for=alerts]");
   button.disabled = true;
   try {
     const alert = await api(`/alerts/${encodeURIComponent(id)}/ack`, { method: "POST" });
@@ -794,6 +825,125 @@ async function acknowledge(button) {
     notice(box, `Alert ${id} was not acknowledged: ${err.message}`, "error");
     button.disabled = false;
   }
+}
+
+// -- node commands (the node page's Ping and Report health now) --------------------
+
+const COMMANDS = {
+  ping: { noun: "Ping", doing: "answer the ping", label: (id) => `Ping ${id}`,
+    title: "Ask the node for its uptime" },
+  health: { noun: "Health report request", doing: "publish a health report", label: (id) => `Report health now from ${id}`,
+    title: "Ask the node to publish a health report now" },
+};
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const seconds = (ms) => `${Math.round(ms / 100) / 10} s`;
+
+/** Set the command buttons up for node `id` ("" while no node is drawn): disabled while
+ * a command waits for its answer, and for good once the token was refused (403). */
+function commandButtons(id) {
+  for (const b of document.querySelectorAll("button[data-node-command]")) {
+    const what = COMMANDS[b.dataset.nodeCommand];
+    b.dataset.node = id;
+    b.disabled = !id || Boolean(app.commandForbidden) || app.command !== null;
+    b.title = app.commandForbidden || (app.command ? "Waiting for the node's answer to the last command" : what.title);
+    b.setAttribute("aria-label", id ? what.label(id) : b.textContent);
+  }
+}
+
+/** Send the button's command to its node, then wait for the node's answer and show it. */
+async function sendCommand(button) {
+  const id = button.dataset.node;
+  const name = button.dataset.nodeCommand;
+  const what = COMMANDS[name];
+  if (!id || !what || app.command) return;
+  const box = $("node-command-message");
+  const command = { node: id, name };
+  const current = () => app.command === command; // false once signed out or on another page
+  app.command = command;
+  commandButtons(id);
+  notice(box, `Sending the ${what.noun.toLowerCase()} to ${id}…`, "pending");
+  let sent = null;
+  try {
+    sent = await api(`/nodes/${encodeURIComponent(id)}/commands`, { method: "POST", body: { name } });
+    if (!current()) return;
+    notice(box, `${what.noun} sent to ${id} at ${clock(new Date())} (node state: ${sent.node_state}); ` +
+      `waiting for its answer (up to ${seconds(app.commandWaitMs)})…`, "pending");
+    const outcome = await waitForReply(sent, current);
+    if (outcome && current()) notice(box, ...answerText(sent, outcome));
+  } catch (err) {
+    if (!current()) return;
+    const failed = sent ? `${what.noun} was sent to ${id}, but its answer cannot be read`
+      : `${what.noun} was not sent to ${id}`;
+    commandFailed(box, failed, err);
+  } finally {
+    if (current()) {
+      app.command = null;
+      commandButtons(id);
+    }
+  }
+}
+
+/** Ask for the command's replies until one is there or the wait is over:
+ * {reply} or {reply: null, trouble}; null when the page moved on meanwhile. */
+async function waitForReply(sent, current) {
+  const path = sent.replies && sent.replies.startsWith(API + "/") ? sent.replies.slice(API.length)
+    : `/nodes/${encodeURIComponent(sent.node)}/replies?cmd_id=${encodeURIComponent(sent.id)}`;
+  const deadline = Date.now() + app.commandWaitMs;
+  let trouble = null;
+  while (current()) {
+    try {
+      const page = await api(path);
+      if (page.items.length) return { reply: page.items[0] };
+      trouble = null;
+    } catch (err) {
+      if (!(err instanceof Unreachable)) throw err;
+      trouble = err; // the API is down or busy for a moment: ask again
+    }
+    if (Date.now() >= deadline) return { reply: null, trouble };
+    await sleep(app.commandPollMs);
+  }
+  return null;
+}
+
+/** [text, kind] for the notice: what the node answered, or that it did not. */
+function answerText(sent, { reply, trouble }) {
+  const id = sent.node;
+  if (!reply) {
+    const why = sent.node_state === "offline"
+      ? "the node is offline; it gets the command when it reconnects, if its broker session kept it"
+      : "the node may be offline";
+    const asked = trouble ? ` The API could not be asked for it: ${trouble.message}.` : "";
+    return [`No answer from ${id} within ${seconds(app.commandWaitMs)} (${why}).${asked}`, "warn"];
+  }
+  if (!reply.ok) {
+    const doing = (COMMANDS[sent.name] || { doing: sent.name }).doing;
+    return [`${id} could not ${doing}: ${reply.error || "it gave no reason"}.`, "error"];
+  }
+  if (sent.name === "ping") {
+    const rtt = Date.parse(reply.received_at) - Date.parse(sent.sent_at);
+    const took = Number.isFinite(rtt) ? ` in ${rtt < 100 ? "under 0.1 s" : `${(rtt / 1000).toFixed(1)} s`}` : "";
+    const up = reply.result && Number.isFinite(reply.result.up_ms) ? `up ${duration(reply.result.up_ms)}` : "no uptime given";
+    return [`${id} answered the ping${took}: ${up}.`, "ok"];
+  }
+  return [`${id} is publishing a health report now; it shows under Health with the next update.`, "ok"];
+}
+
+function commandFailed(box, what, err) {
+  if (err instanceof ApiError && err.status === 403) {
+    app.commandForbidden = `Not allowed: ${err.message}`;
+    notice(box, `You cannot send commands to nodes (403 forbidden): ${err.message.replace(/\.?$/, ".")} ` +
+      "Ping and Report health now need an operator, technician or admin token.", "error");
+    return;
+  }
+  if (err instanceof ApiError && err.status === 401) {
+    signOut(refusedMessage(err, true));
+    return;
+  }
+  // a 503 here (no broker behind this API) is about the command, not the connection: no banner
+  const status = err.status ? ` (${err.status}${err.code ? " " + err.code : ""})` : "";
+  const detail = err instanceof Unreachable && err.detail ? err.detail : err.message;
+  notice(box, `${what}${status}: ${detail.replace(/\.?$/, ".")}`, "error");
 }
 
 function notice(box, text, kind) {
@@ -989,6 +1139,7 @@ function start() {
   $("signout").addEventListener("click", () => signOut("Signed out. The token was removed from this browser.", "notice"));
   window.addEventListener("hashchange", () => {
     if (!app.token) return;
+    app.command = null; // an answer still awaited is not shown on another page
     for (const box of document.querySelectorAll(".notice")) show(box, false);
     show($("view-error"), false);
     clearNodeView(); // another node's figures must not show under this one's title, even briefly
@@ -1010,6 +1161,8 @@ function start() {
     if (button && !button.disabled) acknowledge(button);
     const action = event.target.closest("button[data-rollout-action]");
     if (action && !action.disabled) rolloutAction(action);
+    const command = event.target.closest("button[data-node-command]");
+    if (command && !command.disabled) sendCommand(command);
   });
   app.token = localStorage.getItem(TOKEN_KEY);
   if (app.token) enterDashboard();

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import itertools
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -253,6 +254,45 @@ class Node:
         self.client.loop_stop()
 
 
+class AnsweringNode:
+    """One node that answers the commands sent to it (`iwaki/<node>/cmd/#`) the way the firmware
+    does, `delay` seconds later: a reply under the command's id (a ping's result is its uptime),
+    and for `health` also a health report. `got` lists the commands as (name, command)."""
+
+    def __init__(self, port: int, node: str, *, up_ms: int, delay: float, first_seq: int):
+        self.node, self.up_ms, self.delay = node, up_ms, delay
+        self.seq = itertools.count(first_seq)
+        self.got: list[tuple[str, dict]] = []
+        self.timers: list[threading.Timer] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dashboard-test-{node}")
+        self.client.on_message = self._command
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"{P.ROOT}/{node}/cmd/#", qos=1)
+        self.client.loop_start()
+
+    def _command(self, client, userdata, message) -> None:
+        name = message.topic.rsplit("/", 1)[-1]
+        cmd = json.loads(message.payload)
+        self.got.append((name, cmd))
+        timer = threading.Timer(self.delay, self._answer, (name, cmd))  # not in paho's network thread
+        self.timers.append(timer)
+        timer.start()
+
+    def _answer(self, name: str, cmd: dict) -> None:
+        result = {"up_ms": self.up_ms} if name == "ping" else {}
+        self.client.publish(P.topic("reply", self.node),
+                            P.encode(P.reply(self.node, seq=next(self.seq), id=cmd["id"], result=result)), qos=1)
+        if name == "health":
+            self.client.publish(P.topic("health", self.node),
+                                P.encode(P.health(self.node, seq=next(self.seq), heap_free=70000)), qos=1)
+
+    def close(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def temperature(node: str, seq: int, mean: float) -> dict:
     return P.telemetry(node, seq=seq, ch={"temp_c": {"n": 60, "min": mean - 0.4, "max": mean + 0.5, "mean": mean,
                                                      "last": mean},
@@ -359,8 +399,8 @@ def page(tmp_path):
     p.close()
 
 
-def sign_in(page: Page, fleet: Fleet, name: str) -> None:
-    page.goto(f"{fleet.api.url}/?refresh={REFRESH_MS}")
+def sign_in(page: Page, fleet: Fleet, name: str, api: ApiServer | None = None) -> None:
+    page.goto(f"{(api or fleet.api).url}/?refresh={REFRESH_MS}")
     page.type("#token", fleet.tokens[name])
     page.click("#signin-form button[type=submit]")
     page.wait("!document.getElementById('main').hidden && document.getElementById('sum-nodes').textContent !== '–'",
@@ -390,13 +430,14 @@ def wait_summary(page: Page, fleet: Fleet) -> dict:
         time.sleep(0.05)
 
 
-def assert_local_and_quiet(page: Page, fleet: Fleet) -> None:
+def assert_local_and_quiet(page: Page, fleet: Fleet, api: ApiServer | None = None) -> None:
     """Every request went to the API on loopback, every API call carried a bearer token,
     and no script error happened."""
+    url = (api or fleet.api).url
     requests = page.requests()
     urls = [r["url"] for r in requests]
-    assert any(u.startswith(f"{fleet.api.url}/api/v1/summary") for u in urls), urls
-    strays = [u for u in urls if not u.startswith(f"{fleet.api.url}/")]
+    assert any(u.startswith(f"{url}/api/v1/summary") for u in urls), urls
+    strays = [u for u in urls if not u.startswith(f"{url}/")]
     assert not strays, f"requests that left the fleet's loopback API: {strays}"
     unsigned = [r["url"] for r in requests if "/api/" in r["url"]
                 and not r["headers"].get("Authorization", "").startswith("Bearer iwk_")]
@@ -578,3 +619,161 @@ def test_rollout_page_shows_waves_and_nodes_and_only_an_operator_may_pause(fleet
     assert registry_state() == "running"
     page.screenshot(tmp_path / "rollout-viewer.png")
     assert_local_and_quiet(page, fleet)
+
+
+# -- commands from the node page --------------------------------------------------------
+
+COMMAND_NOTICE = ("(() => { const m = document.getElementById('node-command-message');"
+                  " return m.hidden ? null : m.innerText; })()")
+COMMANDS_DISABLED = "[...document.querySelectorAll('#view-node button[data-node-command]')].map(b => b.disabled)"
+
+
+def open_node(page: Page, node: str) -> None:
+    page.js(f"location.hash = '#/nodes/{node}'")
+    page.wait(f"document.getElementById('node-title').innerText === '{node}'"
+              f" && document.querySelector('[data-testid=node-ping]').dataset.node === '{node}'",
+              what=f"the page of {node}")
+
+
+def node_fetches(page: Page, api: ApiServer, node: str) -> int:
+    """How many times the page fetched the node (once per refresh of its page)."""
+    return sum(r["url"] == f"{api.url}/api/v1/nodes/{node}" and r["method"] == "GET" for r in page.requests())
+
+
+def command_notice_hidden(page: Page) -> bool:
+    return page.js(COMMAND_NOTICE) is None
+
+
+def commands_audited(fleet: Fleet) -> list[tuple]:
+    with fleet.registry() as r:
+        return [(a["actor"], a["target"], a["detail"]) for a in r.db["audit"].rows_where("action = 'node.command'")]
+
+
+def test_operator_pings_a_node_and_asks_it_for_a_health_report(fleet, page, tmp_path):
+    answering = AnsweringNode(fleet.settings.mqtt_port, "env-0001",
+                              up_ms=3_723_000, delay=1.0, first_seq=8)
+    try:
+        time.sleep(0.3)  # its subscription is in place
+        sign_in(page, fleet, OPERATOR)
+        open_node(page, "env-0001")
+        page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the command buttons enabled for an operator")
+        assert page.js("[...document.querySelectorAll('#view-node button[data-node-command]')]"
+                       ".map(b => [b.type, b.innerText, b.getAttribute('aria-label')])") == [
+            ["button", "Ping", "Ping env-0001"],
+            ["button", "Report health now", "Report health now from env-0001"]]
+        assert command_notice_hidden(page)
+
+        page.click("[data-testid=node-ping]")
+        # while the node takes its time, the page keeps refreshing: the notice and the disabled buttons stay
+        fetches = node_fetches(page, fleet.api, "env-0001")
+        waiting = []
+        deadline = time.monotonic() + 12
+        while not (page.js(COMMAND_NOTICE) or "").startswith("env-0001 answered"):
+            assert time.monotonic() < deadline, f"no answer shown; the notice says {page.js(COMMAND_NOTICE)!r}"
+            waiting.append((page.js(COMMAND_NOTICE), page.js(COMMANDS_DISABLED)))
+            time.sleep(0.05)
+        assert node_fetches(page, fleet.api, "env-0001") >= fetches + 2, "the page did not refresh while waiting"
+        assert waiting and all(text and disabled == [True, True] for text, disabled in waiting), waiting
+        assert any(text.startswith("Ping sent to env-0001") and "waiting for its answer" in text
+                   for text, _ in waiting), waiting
+        answer = page.js(COMMAND_NOTICE)
+        match = re.fullmatch(r"env-0001 answered the ping in (\d+\.\d) s: up 1 h 02 min\.", answer)
+        assert match, answer
+        assert 0.9 <= float(match.group(1)) < 10, answer  # the node waited 1 s before answering
+        assert page.js("document.getElementById('node-command-message').className") == "notice ok"
+        page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the buttons enabled again")
+
+        assert [name for name, _ in answering.got] == ["ping"]
+        cmd_id = answering.got[0][1]["id"]
+        assert commands_audited(fleet) == [(OPERATOR, "env-0001", f"ping {cmd_id}")]
+        posts = [r for r in page.requests() if r["method"] == "POST"]
+        assert [r["url"] for r in posts] == [f"{fleet.api.url}/api/v1/nodes/env-0001/commands"]
+        assert {k.lower(): v for k, v in posts[0]["headers"].items()}.get("content-type") == "application/json"
+        assert json.loads(posts[0]["postData"]) == {"name": "ping"}
+        page.screenshot(tmp_path / "node-ping.png")
+
+        # Report health now, from the keyboard: the node answers and its new report is charted
+        heap_points = "document.querySelectorAll('#node-health figure[data-channel=heap_free] circle.pt').length"
+        assert page.js(heap_points) == 1
+        page.js("document.querySelector('[data-testid=node-report-health]').focus()")
+        for kind in ("keyDown", "keyUp"):
+            page.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13,
+                      **({"text": "\r"} if kind == "keyDown" else {}))
+        page.wait(f"({COMMAND_NOTICE} || '').startsWith('env-0001 is publishing a health report now')",
+                  timeout=12, what="the health command's answer")
+        assert [name for name, _ in answering.got] == ["ping", "health"]
+        page.wait(f"{heap_points} === 2", what="the new health report on the chart")
+        assert stats(fleet.settings)["health_stored"] == 3
+
+        # a node that does not answer: the page says so, and why it may not have
+        page.js("app.commandWaitMs = 1500")
+        open_node(page, "env-0002")
+        assert command_notice_hidden(page)  # the last page's answer is not shown under another node
+        page.click("[data-testid=node-ping]")
+        missing = page.wait(f"({COMMAND_NOTICE} || '').startsWith('No answer') && {COMMAND_NOTICE}",
+                            what="the missing answer")
+        assert missing.startswith("No answer from env-0002 within 1.5 s (the node is offline;"), missing
+        page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the buttons enabled again")
+        assert len(commands_audited(fleet)) == 3
+        assert_local_and_quiet(page, fleet)
+    finally:
+        answering.close()
+
+
+def test_a_viewer_is_told_it_cannot_send_commands_and_the_buttons_stay_disabled(fleet, page, tmp_path):
+    answering = AnsweringNode(fleet.settings.mqtt_port, "env-0001", up_ms=1000, delay=0, first_seq=8)
+    try:
+        sign_in(page, fleet, VIEWER)
+        open_node(page, "env-0001")
+        page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the buttons, before the API refused any")
+        page.click("[data-testid=node-ping]")
+        message = page.wait(f"({COMMAND_NOTICE} || '').includes('403') && {COMMAND_NOTICE}", what="the refusal")
+        assert message.startswith("You cannot send commands to nodes (403 forbidden):"), message
+        assert "viewer" in message and "operator" in message, message
+        assert page.js(COMMANDS_DISABLED) == [True, True]
+        titles = page.js("[...document.querySelectorAll('#view-node button[data-node-command]')].map(b => b.title)")
+        assert all(t.startswith("Not allowed:") and "viewer" in t for t in titles), titles
+        # still disabled after the page refreshed a few times, and on another node's page
+        fetches = node_fetches(page, fleet.api, "env-0001")
+        wait_for(lambda: node_fetches(page, fleet.api, "env-0001") >= fetches + 3, what="three refreshes")
+        assert page.js(COMMANDS_DISABLED) == [True, True]
+        assert page.js(COMMAND_NOTICE) == message  # the notice stays too
+        open_node(page, "env-0003")
+        assert page.js(COMMANDS_DISABLED) == [True, True]
+        page.screenshot(tmp_path / "node-viewer.png")
+        time.sleep(0.3)
+        assert answering.got == [] and commands_audited(fleet) == []
+        assert_local_and_quiet(page, fleet)
+    finally:
+        answering.close()
+
+
+def test_without_a_broker_behind_the_api_a_command_shows_the_503_and_the_page_stays_connected(fleet, page):
+    detached = ApiServer(create_app(fleet.settings))  # no ingest: the API cannot reach the nodes
+    detached.start()
+    try:
+        sign_in(page, fleet, OPERATOR, api=detached)
+        open_node(page, "env-0001")
+        page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the command buttons")
+        # note whether the connection-lost banner or the stale look ever appears, even for a moment
+        page.js("window.lostOnce = false; new MutationObserver(() => { window.lostOnce ||="
+                " !document.getElementById('offline-banner').hidden || document.body.classList.contains('stale'); })"
+                ".observe(document.body, {attributes: true, subtree: true})")
+        page.click("[data-testid=node-ping]")
+        message = page.wait(f"({COMMAND_NOTICE} || '').includes('503') && {COMMAND_NOTICE}", what="the 503")
+        assert message.startswith("Ping was not sent to env-0001 (503 unavailable): this API is not connected to "
+                                  "the nodes' broker"), message
+        assert "fleet serve" in message, message
+        # a refused command is not a lost connection: no banner, the figures stay current
+        fetches = node_fetches(page, detached, "env-0001")
+        wait_for(lambda: node_fetches(page, detached, "env-0001") >= fetches + 3, what="three refreshes")
+        assert not page.visible("[data-testid=connection-lost]")
+        assert page.text("#updated").startswith("Last updated")
+        assert page.js("document.body.classList.contains('stale')") is False
+        assert page.js("window.lostOnce") is False
+        assert page.js(COMMAND_NOTICE) == message
+        assert page.js(COMMANDS_DISABLED) == [False, False]  # the next try may work: not disabled for good
+        assert commands_audited(fleet) == []
+        assert_local_and_quiet(page, fleet, api=detached)
+    finally:
+        detached.stop()
