@@ -203,14 +203,15 @@ def test_a_message_that_cannot_be_stored_holds_back_only_itself(fleet, node, set
     monkeypatch.setattr(Registry, "ingest", broken)
     with caplog.at_level(logging.WARNING, logger="fleet.ingest"):
         second = fleet()
-        wait_for(lambda: second.counts()["stored"] == 20 and second.counts()["errors"] == 1, what="the burst")
+        wait_for(lambda: second.counts()["stored"] == 20 and second.counts()["errors"] == 1, timeout=15,
+                 what="the burst")
     assert "one by one" in caplog.text
     with registry(settings) as r:
         assert r.stats()["telemetry_stored"] == 20 and r.node("env-0002") is None
     second.stop()
     monkeypatch.undo()
     third = fleet()                                  # the broker sends the unacknowledged one again
-    wait_for(lambda: third.counts()["stored"] == 1, what="the held-back message")
+    wait_for(lambda: third.counts()["stored"] == 1, timeout=15, what="the held-back message")
     assert third.counts()["received"] == 1
     with registry(settings) as r:
         assert r.stats()["telemetry_stored"] == 21 and r.stats()["duplicates"] == 0

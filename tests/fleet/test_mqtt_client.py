@@ -1,4 +1,6 @@
 """fleet/mqtt_client.py against a real mosquitto: a burst is read after one select()."""
+import fcntl
+import termios
 import time
 
 import paho.mqtt.client as mqtt
@@ -14,13 +16,18 @@ def subscriber(cls, port, got):
     c = cls(CallbackAPIVersion.VERSION2, client_id=f"burst-{cls.__module__}")
     c.on_message = lambda client, userdata, message: got.append(message.payload)
     c.connect("127.0.0.1", port)
-    c.subscribe("burst/#", qos=1)
+    c.subscribe("burst/#", qos=0)      # QoS 0: no in-flight window, the broker sends all at once
     deadline = time.monotonic() + 5
     while not c.is_connected() or c._out_messages or c._out_packet:   # CONNACK and SUBACK
         c.loop(timeout=0.1)
         assert time.monotonic() < deadline
     c.loop(timeout=0.2)
     return c
+
+
+def pending(client) -> int:
+    """Bytes waiting in the client's socket."""
+    return int.from_bytes(fcntl.ioctl(client.socket().fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
 
 
 @pytest.mark.parametrize("cls, per_loop", [(Client, 200), (mqtt.Client, 1)])
@@ -33,7 +40,12 @@ def test_one_loop_reads_every_packet_that_arrived(broker, cls, per_loop):
     try:
         for i in range(200):
             pub.publish(f"burst/{i}", str(i).encode(), qos=1).wait_for_publish(5)
-        time.sleep(0.3)                      # all of it is in the subscriber's socket now
+        # wait until all of it is in the subscriber's socket: one PUBLISH is 1 + 1 + 2 + topic + payload bytes
+        expected = sum(4 + len(f"burst/{i}") + len(str(i)) for i in range(200))
+        deadline = time.monotonic() + 10
+        while pending(sub) < expected:
+            assert time.monotonic() < deadline, f"{pending(sub)} of {expected} bytes arrived"
+            time.sleep(0.02)
         sub.loop(timeout=1.0)
         assert len(got) == per_loop          # paho alone reads one packet per select()
         while len(got) < 200:
