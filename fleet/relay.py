@@ -53,7 +53,7 @@ from fleet.settings import Settings, get_settings
 
 log = logging.getLogger("fleet.relay")
 
-COUNTERS = ("delivered", "failed", "attempts", "errors")
+COUNTERS = ("delivered", "failed", "attempts", "errors", "restarts")
 _SPAWN = multiprocessing.get_context("spawn")
 
 
@@ -208,9 +208,16 @@ class Relay:
     With `process=True` the delivery loop runs in a child process of its own
     (what `fleet serve` does): storing and delivering then use two cores
     instead of sharing one interpreter. The child stops with `stop()`, and
-    by itself within half a second when its parent dies; either way it gives
-    its leases back. `counts()`, `backlog()` and `wake()` work the same in
-    both modes.
+    by itself when its parent dies; either way it gives its leases back. A
+    child that dies on its own is started again (counted as `restarts`); it
+    is the same worker, so it takes its leased rows back at once.
+    `counts()`, `backlog()` and `wake()` work the same in both modes.
+
+    Nothing the parent waits on is shared with the child, so a child killed
+    at any moment cannot block the parent: wake-ups and the stop request are
+    bytes on a pipe (written without blocking; the child sees the pipe close
+    when the parent dies), and the counters are shared memory that only one
+    side writes each.
     """
 
     def __init__(self, settings: Settings | None = None, *, db_path: str | None = None, worker: str | None = None,
@@ -225,40 +232,88 @@ class Relay:
         self.retry = retry
         self.process = process
         self.last_error: str | None = None
-        # shared with the child in process mode: the counters (and the backlog last), stop and wake
-        self._values = _SPAWN.Array("q", len(COUNTERS) + 1)
-        self._stop = _SPAWN.Event()
-        self._wake = _SPAWN.Event()
+        # the counters, then the backlog: the loop writes them, the parent's watcher only `restarts`
+        self._values = _SPAWN.RawArray("q", len(COUNTERS) + 1)
+        self._signals, self._signal_out = _SPAWN.Pipe(duplex=False)   # the loop reads, start() side writes
+        os.set_blocking(self._signal_out.fileno(), False)
+        self._stopping = threading.Event()   # on each side: this side knows the loop is to stop
         self._runner: threading.Thread | multiprocessing.process.BaseProcess | None = None
+        self._watcher: threading.Thread | None = None
+        self._spawning = threading.Lock()
         self._parent: int | None = None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_runner"}
+        # what the child process gets: not the pipe's writing end (so it sees EOF when the
+        # parent dies), no threads and no locks of this process
+        skip = ("_signal_out", "_runner", "_watcher", "_spawning", "_stopping")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _stopping=threading.Event(), _spawning=threading.Lock(),
+                             _runner=None, _watcher=None, _signal_out=None)
 
     def start(self) -> "Relay":
         if self._runner is not None:
             raise RuntimeError("the relay is already running")
-        self._stop.clear()
+        self._stopping.clear()
+        while self._signals.poll():          # what a previous run left unread
+            os.read(self._signals.fileno(), 4096)
         Registry(self.settings.db).close()  # fail here, not in the thread, when the registry is unusable
         if self.process:
-            self._runner = _SPAWN.Process(target=self._child, args=(os.getpid(), logging.getLogger().level),
-                                          name="fleet-relay", daemon=True)
+            self._runner = self._spawn()
+            self._watcher = threading.Thread(target=self._watch, name="fleet-relay-watch", daemon=True)
+            self._watcher.start()
         else:
             self._runner = threading.Thread(target=self._loop, name="fleet-relay", daemon=True)
-        self._runner.start()
+            self._runner.start()
         return self
+
+    def _spawn(self) -> multiprocessing.process.BaseProcess:
+        child = _SPAWN.Process(target=self._child, args=(os.getpid(), logging.getLogger().level),
+                               name="fleet-relay", daemon=True)
+        child.start()
+        return child
+
+    def _watch(self) -> None:
+        """Process mode: start the relay process again when it dies on its own (a crash, the
+        OOM killer), after a pause that grows while it keeps dying (0.5 s to 15 s)."""
+        pause = self.retry[0]
+        while True:
+            runner, born = self._runner, time.monotonic()
+            if runner is None:
+                return
+            runner.join()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - born > 60:
+                pause = self.retry[0]
+            log.error("the relay process exited by itself (exit code %s); starting it again in %.1f s",
+                      runner.exitcode, pause)
+            self._count("restarts")
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, self.retry[1])
+            with self._spawning:
+                if self._stopping.is_set():
+                    return
+                self._runner = self._spawn()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self._runner is None:
             return
-        self._stop.set()
-        self._wake.set()
-        self._runner.join(timeout)
-        if self.process and self._runner.is_alive():
+        with self._spawning:  # the watcher starts no new process from now on
+            self._stopping.set()
+            runner = self._runner
+        self._signal(b"s")
+        runner.join(timeout)
+        if self.process and runner.is_alive():
             log.error("the relay process did not stop within %g s; killing it (its leases expire in %g s)",
                       timeout, self.lease_s)
-            self._runner.kill()
-            self._runner.join(5)
+            runner.kill()
+            runner.join(5)
+        if self._watcher is not None:
+            self._watcher.join(5)
+            self._watcher = None
         self._runner = None
 
     def __enter__(self):
@@ -273,19 +328,42 @@ class Relay:
 
     def wake(self) -> None:
         """New rows are in the outbox (the ingest writer calls this after a commit)."""
-        self._wake.set()
+        self._signal(b"w")
+
+    def _signal(self, what: bytes) -> None:
+        try:
+            os.write(self._signal_out.fileno(), what)
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups the loop has not read yet: it is busy anyway
+        except OSError as exc:  # the loop is gone (a restart comes)
+            log.debug("relay signal %r not sent: %s", what, exc)
+
+    def _wait(self, timeout: float, wake: bool = True) -> None:
+        """The loop's pause: `timeout` seconds, ended early by a stop request (the pipe
+        closing, when the parent died, is one too) and, with `wake`, by a wake-up."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            try:
+                if not self._signals.poll(max(0.0, left)):
+                    return
+                data = os.read(self._signals.fileno(), 4096)
+            except OSError:
+                data = b""
+            if not data or b"s" in data:
+                self._stopping.set()
+            elif wake or left <= 0:
+                return
 
     def counts(self) -> dict:
-        with self._values.get_lock():
-            values = list(self._values)
+        values = list(self._values)
         return {**dict(zip(COUNTERS, values)), "backlog": values[-1]}
 
     def backlog(self) -> int:
         return self._values[-1]
 
     def _count(self, name: str, n: int = 1) -> None:
-        with self._values.get_lock():
-            self._values[COUNTERS.index(name)] += n
+        self._values[COUNTERS.index(name)] += n
 
     def _set_backlog(self, n: int) -> None:
         self._values[-1] = n
@@ -293,7 +371,7 @@ class Relay:
     def _child(self, parent: int, level: int) -> None:
         """The child process's main: the parent stops it (Ctrl-C reaches the whole process group)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._stopping.set())
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._parent = parent
         self._loop()
@@ -308,7 +386,10 @@ class Relay:
         next_count = 0.0
         rows = None  # leased and not yet delivered; None: claim first
         try:
-            while not self._stop.is_set():
+            while True:
+                self._wait(0)       # take in a stop request or the parent's end, without waiting
+                if self._stopping.is_set():
+                    break
                 if self._orphaned():
                     log.warning("the fleet process that started this relay is gone; stopping")
                     break
@@ -322,11 +403,10 @@ class Relay:
                     log.exception("cannot read the upstream outbox")
                     self._count("errors")
                     rows = None
-                    self._stop.wait(pause)
+                    self._wait(pause, wake=False)
                     continue
                 if not rows:
-                    self._wake.wait(0.5)
-                    self._wake.clear()
+                    self._wait(0.5)
                     rows = None
                     continue
                 self._count("attempts")
@@ -341,7 +421,7 @@ class Relay:
                     self._count("errors")
                     _try(registry.finish_upstream, self.worker, [], error=str(exc))
                     rows = None  # still ours: the next claim returns them first
-                    self._stop.wait(pause * random.uniform(0.8, 1.2))
+                    self._wait(pause * random.uniform(0.8, 1.2), wake=False)
                     pause = min(pause * 2, self.retry[1])
                     continue
                 delivered = [r["id"] for r in rows if r["id"] not in refused]
@@ -354,7 +434,7 @@ class Relay:
                     log.exception("could not record %d deliveries; they will be sent again", len(delivered))
                     self._count("errors")
                     rows = None
-                    self._stop.wait(pause)
+                    self._wait(pause, wake=False)
                     continue
                 if self.last_error is not None:
                     log.info("platform reachable again: delivering the outbox")

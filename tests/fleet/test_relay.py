@@ -268,6 +268,10 @@ def test_ngsi_ld_http_upserts_survive_a_platform_restart_and_refusals_are_counte
         nodes.births()
         nodes.telemetry(range(0, 10))
         wait_for(lambda: relay.counts()["delivered"] >= 30, what="the first upserts")
+        first = relay._runner.pid
+        os.kill(first, signal.SIGKILL)                  # the relay process dies on its own...
+        wait_for(lambda: relay.counts()["restarts"] == 1 and relay._runner.pid != first and relay.running,
+                 what="the relay process to be started again")    # ...and is back, same worker
         server.stop()
         nodes.telemetry(range(10, 25))
         wait_for(lambda: relay.backlog() > 0 and relay.counts()["errors"] > 0, what="a backlog")
