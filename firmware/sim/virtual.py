@@ -4,12 +4,15 @@
 # river, an earthquake. Runs under CPython (after sim.cpython.install()) and
 # in the MicroPython VM. Scenario time runs 60x faster than the clock for the
 # slow things (a day in 24 minutes); pulses (people, tips, shaking) are real.
+# NodeLife (CPython only) runs a VirtualNode across resets, as a board lives:
+# boot.py's slot selection, then the app, then the reset an update ends in.
 import asyncio
+import json
 import math
 import random
 
 from node.app import Node
-from sim.machine import Machine
+from sim.machine import PWRON_RESET, SOFT_RESET, Machine, SimReset
 
 
 def _device(kind, s, profile, m, clock, ble):
@@ -226,3 +229,109 @@ class VirtualNode:
 
     async def stop(self):
         await self.node.stop()
+
+
+def slot_version(root, slot, trial, factory):
+    """The version the code booted from `slot` reports. Under CPython every
+    slot runs the repository's modules, so it is read from ota/state.json:
+    the trial's version on a trial boot, else the committed one."""
+    if slot == "root":
+        return factory
+    try:
+        with open(root + "/ota/state.json") as f:
+            st = json.loads(f.read())
+    except (OSError, ValueError):
+        return factory
+    t = st.get("trial")
+    if trial and t:
+        return t.get("version") or factory
+    return st.get("version") or factory
+
+
+class NodeLife:
+    """A virtual node across resets (CPython): each boot goes through the real
+    boot.select(root) (slot, trial), then runs a new VirtualNode with the reset
+    cause and the version of the slot it booted, until the board resets (an
+    update's SimReset: booted again with SOFT_RESET). Run it as a task:
+
+        life = NodeLife(profile, identity, root, clock, asyncio.open_connection, seed=3)
+        task = asyncio.create_task(life.run())
+        ...
+        await life.stop()   # the node says offline; run() returns
+
+    Fault hooks (tools/bench_ota.py):
+      on_boot(life, slot, trial): return False and this boot dies before the
+        app runs (a crash at import); the board resets with SOFT_RESET.
+      on_start(life, v, slot, trial): called with the new VirtualNode once its
+        task (life.task) exists and before it runs.
+      kill(): the power goes: the app stops where it is, nothing is flushed,
+        the next boot has PWRON_RESET.
+    """
+
+    def __init__(self, profile, identity, root, clock, connect, seed=0, hour=None, factory=None,
+                 off_ms=300, on_boot=None, on_start=None):
+        self.profile = profile
+        self.identity = identity
+        self.root = root
+        self.clock = clock
+        self.connect = connect
+        self.seed = seed
+        self.hour = hour
+        self.factory = factory  # the factory install's version (default node.VERSION)
+        self.off_ms = off_ms
+        self.on_boot = on_boot
+        self.on_start = on_start
+        self.v = None  # the VirtualNode of the current (or last) boot
+        self.task = None  # its run() task
+        self.slot = None
+        self.trial = False
+        self.boots = 0
+        self.stopping = False
+        self._cut = False
+
+    async def run(self):
+        from boot import select
+        if self.factory is None:
+            from node import VERSION
+            self.factory = VERSION
+        cause = PWRON_RESET
+        while not self.stopping:
+            slot, trial = select(self.root)
+            self.slot, self.trial = slot, trial
+            self.boots += 1
+            if self.on_boot is not None and self.on_boot(self, slot, trial) is False:
+                cause = SOFT_RESET
+                await self.clock.sleep_ms(200)
+                continue
+            v = VirtualNode(self.profile, self.identity, self.root, self.clock, self.connect,
+                            seed=self.seed, hour=self.hour)
+            v.machine._cause = cause
+            v.node.fw = slot_version(self.root, slot, trial, self.factory)
+            self.v = v
+            self.task = asyncio.create_task(v.run())
+            if self.on_start is not None:
+                self.on_start(self, v, slot, trial)
+            cause = PWRON_RESET
+            try:
+                await self.task
+            except SimReset:
+                cause = SOFT_RESET
+            except asyncio.CancelledError:
+                if not self._cut:
+                    raise  # run() itself was cancelled
+                self._cut = False
+            if not self.stopping:
+                await self.clock.sleep_ms(self.off_ms)  # off, then on again
+
+    def kill(self):
+        """Cut the power of the running boot (see the class docstring)."""
+        if self.task is not None and not self.task.done():
+            self._cut = True
+            self.task.cancel()
+            self.v.node.uplink.kill()
+
+    async def stop(self):
+        """Clean stop: no more boots; the running node stops and says offline."""
+        self.stopping = True
+        if self.task is not None and not self.task.done():
+            await self.v.stop()

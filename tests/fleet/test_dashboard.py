@@ -668,9 +668,13 @@ def test_operator_pings_a_node_and_asks_it_for_a_health_report(fleet, page, tmp_
         fetches = node_fetches(page, fleet.api, "env-0001")
         waiting = []
         deadline = time.monotonic() + 12
-        while not (page.js(COMMAND_NOTICE) or "").startswith("env-0001 answered"):
-            assert time.monotonic() < deadline, f"no answer shown; the notice says {page.js(COMMAND_NOTICE)!r}"
-            waiting.append((page.js(COMMAND_NOTICE), page.js(COMMANDS_DISABLED)))
+        while True:
+            # one evaluation, so the text and the buttons are of the same moment
+            text, disabled = page.js(f"[{COMMAND_NOTICE}, {COMMANDS_DISABLED}]")
+            if (text or "").startswith("env-0001 answered"):
+                break
+            assert time.monotonic() < deadline, f"no answer shown; the notice says {text!r}"
+            waiting.append((text, disabled))
             time.sleep(0.05)
         assert node_fetches(page, fleet.api, "env-0001") >= fetches + 2, "the page did not refresh while waiting"
         assert waiting and all(text and disabled == [True, True] for text, disabled in waiting), waiting
