@@ -28,8 +28,8 @@ Relay: when a platform target is configured (`settings.relays`), each
 stored message's NGSI-LD entities (`fleet.ngsi.entities`) enter the
 upstream outbox in the same transaction, and `after_commit` (the relay's
 `wake`) is called after each commit. `fleet serve` runs the relay in a
-child process, so storing and delivering do not share one interpreter. With `settings.share_group`, the
-sequenced kinds (telemetry, health, events, replies) are subscribed as
+child process, so storing and delivering do not share one interpreter.
+With `settings.share_group`, the sequenced kinds (telemetry, health, events, replies) are subscribed as
 `$share/<group>/...`, so the broker spreads them over every worker of the
 group; births and states (retained, and rare) go to every worker.
 """
@@ -357,11 +357,20 @@ class Ingest:
                         len(items), exc_info=True)
             outcomes = dict.fromkeys(outcomes, 0)
             acks = []
+            failing = 0  # in a row: from the third on, the registry itself fails (disk full...)
             for item in parsed:
+                if failing >= 3:
+                    outcomes["errors"] += 1  # not tried: the broker sends it again
+                    continue
                 try:
                     outcome = self._store(registry, *item)
+                    failing = 0
                 except Exception:
-                    log.exception("could not store the message on %s", item[0])
+                    failing += 1
+                    if failing == 1:
+                        log.exception("could not store the message on %s", item[0])
+                    else:
+                        log.error("could not store the message on %s either", item[0])
                     outcome = "errors"
                 outcomes[outcome] += 1
                 if outcome != "errors":

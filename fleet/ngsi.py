@@ -203,7 +203,8 @@ def _announced(node: dict) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _announced_text(raw: str) -> dict:
-    # the registry keeps the channels as JSON text, the same for every message of a node
+    # the registry keeps the channels as JSON text, the same for every message of a node;
+    # the dict is shared between calls: read it, never change it
     try:
         return _channel_kinds(json.loads(raw))
     except ValueError:

@@ -1,5 +1,6 @@
 """fleet/ingest.py against a real mosquitto: what nodes publish ends up in the registry."""
 import logging
+import sqlite3
 import time
 
 import paho.mqtt.client as mqtt
@@ -215,6 +216,33 @@ def test_a_message_that_cannot_be_stored_holds_back_only_itself(fleet, node, set
     assert third.counts()["received"] == 1
     with registry(settings) as r:
         assert r.stats()["telemetry_stored"] == 21 and r.stats()["duplicates"] == 0
+
+
+def test_when_the_registry_itself_fails_a_batch_gives_up_after_three_and_nothing_is_lost(
+        fleet, node, settings, monkeypatch, caplog):
+    first = fleet()
+    first.stop()
+    n = node()
+    for seq in range(30):
+        n.send("telemetry", P.telemetry(seq=seq))
+
+    def disk_full(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Registry, "ingest", disk_full)
+    with caplog.at_level(logging.WARNING, logger="fleet.ingest"):
+        second = fleet()
+        wait_for(lambda: second.counts()["errors"] == 30, timeout=15, what="every message refused")
+    batches = caplog.text.count("storing them one by one")
+    tried = caplog.text.count("could not store the message on")
+    assert batches >= 1 and tried <= 3 * batches          # no traceback for each of the 30
+    assert second.counts()["stored"] == 0
+    second.stop()
+    monkeypatch.undo()
+    third = fleet()                                    # none was acknowledged: all come again
+    wait_for(lambda: third.counts()["stored"] == 30, timeout=15, what="the 30 messages stored")
+    with registry(settings) as r:
+        assert r.stats()["telemetry_stored"] == 30 and r.stats()["duplicates"] == 0
 
 
 def test_retained_birth_is_taken_at_start_without_faking_a_sign_of_life(fleet, node, settings):
