@@ -83,6 +83,7 @@ class Ingest:
         self._writer_ready = threading.Event()
         self._writer_error: BaseException | None = None
         self._connack = threading.Event()
+        self._suback = threading.Event()
         self._connack_reason: str | None = None
         self._connected = False
         self._stopping = False
@@ -140,7 +141,8 @@ class Ingest:
     # -- lifecycle --
 
     def start(self, timeout: float = 10.0) -> "Ingest":
-        """Open the registry, connect and subscribe; raise if either is impossible."""
+        """Open the registry, connect and subscribe; return once the broker has acknowledged the
+        subscriptions (nothing published after that is missed). Raise if any step is impossible."""
         if self._writer is not None:
             raise IngestError("ingest is already running")
         self._stopping = False
@@ -228,6 +230,7 @@ class Ingest:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         self._connack.clear()
+        self._suback.clear()
         try:
             client.connect(s.mqtt_host, s.mqtt_port, keepalive=self.keepalive)
         except (OSError, ValueError) as exc:
@@ -246,6 +249,15 @@ class Ingest:
                     if "authori" in reason.lower() or "password" in reason.lower()
                     else "is it an MQTT broker?")
             raise IngestError(f"the MQTT broker at {self.where} refused the connection: {reason} ({hint})")
+        # A new session has no subscriptions until the broker acknowledges them: a message
+        # published before that reaches nobody, so start() returns only once they are in place.
+        if not self._suback.wait(timeout):
+            self._stopping = True
+            client.disconnect()
+            client.loop_stop()
+            self._client = None
+            raise IngestError(f"the MQTT broker at {self.where} did not acknowledge the subscriptions "
+                              f"within {timeout:g} s")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -273,6 +285,7 @@ class Ingest:
         for topic, code in zip(self.topics(), reason_codes):
             if code.is_failure:
                 log.error("broker %s refused the subscription to %s: %s (check its ACL)", self.where, topic, code)
+        self._suback.set()
 
     def _on_message(self, client, userdata, message) -> None:
         try:

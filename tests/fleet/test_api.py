@@ -30,6 +30,7 @@ from fleet.mosquitto import free_port
 from fleet.registry import Registry, iso
 from fleet.settings import Settings
 from tests.fleet import payloads as P
+from tests.harness.broker import subscribe
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 EVALUATED = T0 + timedelta(hours=3)
@@ -522,10 +523,9 @@ def test_a_command_reaches_the_node_its_answer_is_listed_and_it_is_audited(tmp_p
     node = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cmd-test-node")
     node.on_message = answer
     node.connect("127.0.0.1", broker.port)
-    node.subscribe(f"iwaki/{P.NODE}/cmd/#", qos=1)
     node.loop_start()
+    subscribe(node, f"iwaki/{P.NODE}/cmd/#")
     try:
-        time.sleep(0.3)
         client = Client(create_app(settings, ingest=ingest, dashboard=None))
         sent = ok(client.request("POST", f"/api/v1/nodes/{P.NODE}/commands", token,
                                  json={"name": "ping"}), 202)

@@ -12,6 +12,7 @@ import pytest
 
 from fleet import credentials as C
 from fleet.mosquitto import Mosquitto
+from tests.harness.broker import subscribe
 from fleet.registry import Registry
 
 
@@ -63,13 +64,6 @@ def connect(broker, user, password, timeout=5.0):
         c.loop_stop()
         return str(result.get("rc"))
     return c
-
-
-def subscribe(c, topic):
-    ok = threading.Event()
-    c.on_subscribe = lambda *a: ok.set()
-    c.subscribe(topic, 1)
-    assert ok.wait(5)
 
 
 @pytest.mark.broker

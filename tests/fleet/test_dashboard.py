@@ -35,6 +35,7 @@ from fleet.ingest import Ingest
 from fleet.registry import Registry
 from fleet.settings import Settings
 from tests.fleet import payloads as P
+from tests.harness.broker import subscribe
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -267,8 +268,8 @@ class AnsweringNode:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dashboard-test-{node}")
         self.client.on_message = self._command
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"{P.ROOT}/{node}/cmd/#", qos=1)
         self.client.loop_start()
+        subscribe(self.client, f"{P.ROOT}/{node}/cmd/#")
 
     def _command(self, client, userdata, message) -> None:
         name = message.topic.rsplit("/", 1)[-1]

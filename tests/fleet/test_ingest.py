@@ -1,6 +1,7 @@
 """fleet/ingest.py against a real mosquitto: what nodes publish ends up in the registry."""
 import logging
 import sqlite3
+import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -11,6 +12,7 @@ from fleet.ingest import Ingest, IngestError
 from fleet.registry import Registry, RegistryError
 from fleet.settings import Settings
 from tests.fleet import payloads as P
+from tests.harness.broker import subscribe
 
 pytestmark = pytest.mark.broker
 
@@ -293,10 +295,9 @@ def test_commands_reach_the_node_topic_and_refuse_when_disconnected(settings, fl
     node = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cmd-listener")
     node.on_message = lambda c, u, m: got.append((m.topic, m.payload))
     node.connect("127.0.0.1", broker.port)
-    node.subscribe(f"iwaki/{P.NODE}/cmd/#", qos=1)
     node.loop_start()
+    subscribe(node, f"iwaki/{P.NODE}/cmd/#")
     try:
-        time.sleep(0.3)
         ingest = fleet()
         cid = ingest.command(P.NODE, "ping", {"x": 1})
         wait_for(lambda: got, what="the command")
@@ -309,3 +310,26 @@ def test_commands_reach_the_node_topic_and_refuse_when_disconnected(settings, fl
     finally:
         node.loop_stop()
         node.disconnect()
+
+
+def test_start_returns_only_once_the_broker_has_the_subscriptions(tmp_path, broker, node, monkeypatch):
+    # A new session has no subscriptions until the SUBACK: a node publishing right after
+    # start() must not reach an empty topic. Hold the SUBSCRIBE back to widen that window.
+    import fleet.ingest as ingest_module
+    real = ingest_module.Client.subscribe
+    monkeypatch.setattr(ingest_module.Client, "subscribe",
+                        lambda self, *a, **kw: threading.Timer(0.5, real, (self, *a), kw).start())
+    s = Settings(db=str(tmp_path / "fleet.db"), mqtt_port=broker.port, client_id="suback-test")
+    with Ingest(s) as ingest:
+        node().send("telemetry", P.telemetry())
+        wait_for(lambda: ingest.counts()["stored"] == 1, what="stored")
+
+
+def test_start_fails_clearly_when_the_subscriptions_are_never_acknowledged(tmp_path, broker, monkeypatch):
+    import fleet.ingest as ingest_module
+    monkeypatch.setattr(ingest_module.Client, "subscribe", lambda self, *a, **kw: None)
+    s = Settings(db=str(tmp_path / "fleet.db"), mqtt_port=broker.port, client_id="no-suback-test")
+    ingest = Ingest(s)
+    with pytest.raises(IngestError, match="did not acknowledge the subscriptions within 1 s"):
+        ingest.start(timeout=1.0)
+    ingest.stop()

@@ -23,6 +23,7 @@ from fleet.registry import Registry, parse_iso, utc_now
 from fleet.server import ApiServer
 from fleet.settings import Settings
 from tests.fleet import payloads as P
+from tests.harness.broker import subscribe
 
 V = "1.2.0"
 OLD = "1.0.0"
@@ -61,8 +62,7 @@ class SimNodes:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        self.client.subscribe("iwaki/+/cmd/ota", qos=1)
-        time.sleep(0.2)
+        subscribe(self.client, "iwaki/+/cmd/ota")
 
     def add(self, node: str, behaviour: str = "ok", fw: str = OLD, board: str = "env-station", online=True):
         self.nodes[node] = {"fw": fw, "board": board, "boot": 1, "seq": 0, "behaviour": behaviour}
