@@ -654,7 +654,6 @@ def test_operator_pings_a_node_and_asks_it_for_a_health_report(fleet, page, tmp_
     answering = AnsweringNode(fleet.settings.mqtt_port, "env-0001",
                               up_ms=3_723_000, delay=1.0, first_seq=8)
     try:
-        time.sleep(0.3)  # its subscription is in place
         sign_in(page, fleet, OPERATOR)
         open_node(page, "env-0001")
         page.wait(f"{COMMANDS_DISABLED}.join() === 'false,false'", what="the command buttons enabled for an operator")
