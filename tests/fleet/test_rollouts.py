@@ -528,6 +528,8 @@ def test_a_node_can_fetch_and_check_the_release_from_the_command_url(fleet):
         rid = fleet.start(waves=["1"])["id"]
         engine = fleet.make_engine(base_url=server.url)
         fleet.run_until(rid, lambda d: d["counts"].get("sent"), "the command", engine=engine)
+        # "sent" is the broker's PUBACK; the node gets the command a moment later
+        wait_for(lambda: fleet.sim.commands_to("env-0001"), what="the command at the node")
         url = fleet.sim.commands_to("env-0001")[0]["args"]["url"]
         with httpx.Client() as http:
             data = http.get(url + "manifest.json").content
