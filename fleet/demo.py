@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fleet.demo")
 
 
+#: how often each node's clock catches up with real time when its firmware is not
+#: waiting on it (the firmware's own sleeps catch it up too)
+PACER_MS = 20
+
 #: the demo's board mix, with the node id prefix provisioning gives each board
 BOARDS = PREFIXES
 
@@ -92,16 +96,20 @@ async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: f
                     on_tick=None) -> list:
     """Run virtual nodes, one per (profile, identity), on one clock paced to
     real time, for `seconds` (None: until SIGINT/SIGTERM). Each node lives
-    across resets (`sim.virtual.NodeLife`), so an update can reboot it."""
+    across resets (`sim.virtual.NodeLife`), so an update can reboot it.
+
+    Every node has a clock of its own, as every board does: a clock finds
+    its next event among the listeners of its devices, so one shared clock
+    would cost each event a pass over the devices of every node."""
     firmware_on_path()
     from sim.clock import PacedClock
     from sim.virtual import NodeLife
-    clock = PacedClock()
-    pacer = asyncio.create_task(clock.run())
-    nodes = []
+    nodes, pacers = [], []
     for n, (profile, ident) in enumerate(nodes_spec):
         root = state / "nodes" / ident["node"]
         root.mkdir(parents=True, exist_ok=True)
+        clock = PacedClock(step_ms=PACER_MS)
+        pacers.append(asyncio.create_task(clock.run()))
         nodes.append(NodeLife(profile, ident, str(root), clock, asyncio.open_connection, seed=n))
     tasks = [asyncio.create_task(life.run()) for life in nodes]
     stop = asyncio.Event()
@@ -124,7 +132,8 @@ async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: f
     for life, r in zip(nodes, await asyncio.gather(*tasks, return_exceptions=True)):
         if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
             log.error("node %s crashed: %r", life.identity["node"], r)
-    pacer.cancel()
+    for pacer in pacers:
+        pacer.cancel()
     return nodes
 
 

@@ -75,6 +75,10 @@ def make_board(profile, clock, uid, ble=None):
         kw = {"cp_volts_per_count": o["volts_per_count"], "cp_zero_count": o["zero_count"]}
         if ct:
             kw["ct_amps_per_count"] = ct[0]["options"]["amps_per_count"]
+            # MicroPython's read_u16 takes tens of us on an ESP32: with 61 us (prime, so the
+            # samples drift across the mains phase) a 200 ms CT burst is ~3,300 conversions
+            # instead of ~28,600 at 7 us, and a demo keeps pace with hundreds of nodes
+            kw["ct_conv_us"] = 61
         devices["evse"] = EVSE(m, clock, cp["pin"], ct[0]["pin"] if ct else 39, **kw)
     return m, devices
 

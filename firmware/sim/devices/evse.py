@@ -8,7 +8,8 @@ biased to ``ct_offset_count``) is a 50 Hz sine of the charging current's RMS.
 Both are evaluated at the simulated ADC's microsecond ticks from integer
 tables, so sampling them allocates nothing. A conversion takes ``conv_us``
 (7 us: like a real ADC's timing it does not divide the PWM period, so the
-samples do not sit at the same phases period after period).
+samples do not sit at the same phases period after period); ``ct_conv_us``
+sets the CT clamp's apart (default: the same).
 
     evse = EVSE(machine, clock, cp_pin=34, ct_pin=35, offered_a=16)
     evse.plug()         # B: vehicle connected, PWM offering 16 A
@@ -35,7 +36,7 @@ class EVSE:
     def __init__(self, machine, clock, cp_pin, ct_pin, offered_a=16.0,
                  cp_volts_per_count=13.5 / 32767, cp_zero_count=32768,
                  ct_amps_per_count=0.0025, ct_offset_count=32768,
-                 mains_hz=50, pwm_hz=1000, phase_us=0, conv_us=7):
+                 mains_hz=50, pwm_hz=1000, phase_us=0, conv_us=7, ct_conv_us=None):
         self.clock = clock
         self.cp_volts_per_count = cp_volts_per_count
         self.cp_zero_count = cp_zero_count
@@ -56,7 +57,7 @@ class EVSE:
         self.offer(offered_a)
         self._set("A", False)
         machine.adc_waveform(cp_pin, self._cp, conv_us)
-        machine.adc_waveform(ct_pin, self._ct, conv_us)
+        machine.adc_waveform(ct_pin, self._ct, conv_us if ct_conv_us is None else ct_conv_us)
 
     # -- what happens at the charging point
     def plug(self):
