@@ -267,18 +267,31 @@ def run(args) -> int:
             print(line, file=sys.stderr)
         engine = rollout_engine(settings, ingest, api.url, args.window_s)
     summary = {}
+    with Registry(str(db)) as reg:
+        delivered_before = reg.upstream_stats()["delivered"]  # by earlier runs on this --state
 
-    def snapshot():
-        ingest.wait_idle(5)
+    def relayed():
+        """The relay's figures once the outbox is empty and the platform has what was
+        delivered (each wait at most 10 s)."""
         deadline = time.monotonic() + 10
         while relay.backlog() and time.monotonic() < deadline:
             time.sleep(0.1)
         with Registry(str(db)) as reg:
-            s, up = reg.stats(), reg.upstream_stats()
+            up = reg.upstream_stats()
+        deadline = time.monotonic() + 10
+        while store.received + collector.bad < up["delivered"] - delivered_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        summary.update({"delivered_upstream": up["delivered"], "upstream_backlog": up["backlog"],
+                        "platform_entities": len(store.entities)})
+
+    def snapshot():
+        ingest.wait_idle(5)
+        relayed()
+        with Registry(str(db)) as reg:
+            s = reg.stats()
         summary.update({"nodes": args.nodes, "nodes_online": s["nodes_online"],
                         "telemetry_stored": s["telemetry_stored"], "invalid": s["invalid"],
-                        "duplicates": s["duplicates"], "delivered_upstream": up["delivered"],
-                        "upstream_backlog": up["backlog"], "platform_entities": len(store.entities)})
+                        "duplicates": s["duplicates"]})
 
     spec = []
     for i in range(args.nodes):
@@ -295,6 +308,8 @@ def run(args) -> int:
         if engine is not None:
             engine.stop()
         ingest.wait_idle(5)
+        if summary:
+            relayed()  # what the nodes said as they stopped is relayed too
         api.stop()
         ingest.stop()
         relay.stop()

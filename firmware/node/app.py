@@ -298,5 +298,8 @@ class Node:
             await asyncio.sleep_ms(20)
 
     async def stop(self):
-        self.running = False
+        # say offline and disconnect first: the loop, once it sees running
+        # False, kills the uplink, which would cut that goodbye short (the
+        # broker would then publish the last will, "lost")
         await self.uplink.stop()
+        self.running = False

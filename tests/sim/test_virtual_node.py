@@ -211,3 +211,32 @@ def test_one_node_of_each_board_kind_reaches_the_fleet(broker, fleet, tmp_path):
     assert ("river-0004", "river.stage") in events and ("river-0004", "node.event_mode") in events, events
     assert rows(db, "select count(*) from telemetry where node='river-0004' and channel='level_m'")[0][0] >= 1
     assert rows(db, "select topic, reason from invalid") == []
+
+
+def test_a_clean_stop_says_shutdown_even_when_the_goodbye_is_slow(broker, fleet, tmp_path):
+    """stop() says offline ("shutdown") and disconnects; the sampling loop, which kills
+    the uplink once it ends, must not cut that short, or the broker publishes the will.
+    The goodbye's PUBACK is held back here for longer than the loop takes to notice."""
+    ing, db = fleet
+    profile = fast_profile()
+
+    async def scenario():
+        v = make_node(profile, broker, tmp_path)
+        task = asyncio.create_task(v.run())
+        assert await wait_async(lambda: v.node.uplink.sent >= 2, 20), "node sent nothing"
+        client = v.node.uplink.client
+        real_wait_ack = client._wait_ack
+
+        async def slow_ack(pid, ev):
+            await asyncio.sleep(0.5)  # the loop ticks every 200 ms meanwhile
+            await real_wait_ack(pid, ev)
+
+        client._wait_ack = slow_ack
+        await v.stop()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: rows(db, "select state, state_reason from nodes where id='env-0001'")
+                    == [("offline", "shutdown")]), rows(db, "select state, state_reason from nodes")
+    time.sleep(0.5)  # no will follows
+    assert rows(db, "select state, state_reason from nodes where id='env-0001'") == [("offline", "shutdown")]
