@@ -317,5 +317,7 @@ def run(args) -> int:
         broker.stop()
         platform.stop()
     summary["seconds"] = round(time.monotonic() - t0, 1)
-    print(json.dumps(summary))
+    order = ("nodes", "nodes_online", "telemetry_stored", "invalid", "duplicates", "delivered_upstream",
+             "upstream_backlog", "platform_entities", "seconds")  # as docs/cli.md shows it
+    print(json.dumps({k: summary[k] for k in order if k in summary}))
     return 0

@@ -18,6 +18,8 @@ def test_demo_runs_and_prints_its_summary_last(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(summary) == ["nodes", "nodes_online", "telemetry_stored", "invalid", "duplicates",
+                             "delivered_upstream", "upstream_backlog", "platform_entities", "seconds"]
     assert summary["nodes"] == 2 and summary["nodes_online"] == 2, summary
     assert summary["telemetry_stored"] >= 2 and summary["invalid"] == 0 and summary["duplicates"] == 0
     assert "crashed" not in proc.stderr
