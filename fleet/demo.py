@@ -94,7 +94,7 @@ def node_identity(i: int, root: str, broker: Mosquitto, prefix: str = "env", pas
 
 async def run_nodes(nodes_spec: list[tuple[dict, dict]], state: Path, seconds: float | None,
                     on_tick=None) -> list:
-    """Run virtual nodes, one per (profile, identity), on one clock paced to
+    """Run virtual nodes, one per (profile, identity), on clocks paced to
     real time, for `seconds` (None: until SIGINT/SIGTERM). Each node lives
     across resets (`sim.virtual.NodeLife`), so an update can reboot it.
 

@@ -241,10 +241,7 @@ class Ingest:
         client.loop_start()
         if not self._connack.wait(timeout) or self._connack_reason is not None:
             reason = self._connack_reason or f"no answer within {timeout:g} s"
-            self._stopping = True
-            client.disconnect()
-            client.loop_stop()
-            self._client = None
+            self._abandon(client)
             hint = ("check --user/--password or IWAKI_MQTT_USER/IWAKI_MQTT_PASSWORD"
                     if "authori" in reason.lower() or "password" in reason.lower()
                     else "is it an MQTT broker?")
@@ -252,12 +249,16 @@ class Ingest:
         # A new session has no subscriptions until the broker acknowledges them: a message
         # published before that reaches nobody, so start() returns only once they are in place.
         if not self._suback.wait(timeout):
-            self._stopping = True
-            client.disconnect()
-            client.loop_stop()
-            self._client = None
+            self._abandon(client)
             raise IngestError(f"the MQTT broker at {self.where} did not acknowledge the subscriptions "
                               f"within {timeout:g} s")
+
+    def _abandon(self, client) -> None:
+        """Give up a connection start() could not complete."""
+        self._stopping = True
+        client.disconnect()
+        client.loop_stop()
+        self._client = None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

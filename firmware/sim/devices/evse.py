@@ -8,8 +8,8 @@ biased to ``ct_offset_count``) is a 50 Hz sine of the charging current's RMS.
 Both are evaluated at the simulated ADC's microsecond ticks from integer
 tables, so sampling them allocates nothing. A conversion takes ``conv_us``
 (7 us: like a real ADC's timing it does not divide the PWM period, so the
-samples do not sit at the same phases period after period); ``ct_conv_us``
-sets the CT clamp's apart (default: the same).
+samples do not sit at the same phases period after period); ``ct_conv_us``,
+if given, is the CT clamp's (the virtual nodes take a slower ADC there).
 
     evse = EVSE(machine, clock, cp_pin=34, ct_pin=35, offered_a=16)
     evse.plug()         # B: vehicle connected, PWM offering 16 A
