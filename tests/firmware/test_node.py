@@ -108,3 +108,40 @@ async def test_river_stage_event_switches_the_node_to_event_mode():
     task.cancel()
     pacer.cancel()
     await watcher.disconnect()
+
+
+async def test_a_clean_stop_says_shutdown_and_no_will_follows():
+    # stop() says offline ("shutdown") and disconnects, with the goodbye's
+    # PUBACK held back for longer than a loop tick; afterwards the broker
+    # must not publish the will ("lost"). (tests/sim/test_virtual_node.py
+    # shows the race this guards against under CPython, where it is exact.)
+    got = []
+    watcher = MQTTClient("vm-watch-s", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
+    await watcher.connect(E["broker_host"], E["broker_port"])
+    await watcher.subscribe("iwaki/vm-stop/state", 1)
+    clock = PacedClock()
+    pacer = asyncio.create_task(clock.run())
+    os.mkdir("/flash/vmstop")
+    ident = {"node": "vm-stop", "root": "iwaki", "user": "vm-stop", "password": "",
+             "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
+    v = VirtualNode(fast_env_station(), ident, "/flash/vmstop", clock, open_connection, seed=4)
+    task = asyncio.create_task(v.run())
+    assert await wait(lambda: v.node.uplink.sent >= 2, 15000)
+    client = v.node.uplink.client
+    real_wait_ack = client._wait_ack
+    slowed = []
+
+    async def slow_ack(pid, ev):
+        slowed.append(pid)
+        await asyncio.sleep_ms(500)  # the loop ticks every 200 ms meanwhile
+        await real_wait_ack(pid, ev)
+
+    client._wait_ack = slow_ack
+    await v.stop()
+    await asyncio.wait_for_ms(task, 5000)
+    reasons = lambda: [json.loads(m)["reason"] for _, m in got]  # noqa: E731
+    assert slowed and await wait(lambda: "shutdown" in reasons(), 5000), reasons()
+    await asyncio.sleep_ms(1000)
+    assert reasons()[-1] == "shutdown", reasons()
+    pacer.cancel()
+    await watcher.disconnect()
