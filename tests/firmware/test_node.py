@@ -31,18 +31,29 @@ async def wait(pred, ms):
     return pred()
 
 
-async def test_node_publishes_birth_state_telemetry_health_and_its_will():
+async def watch(name, topic):
+    """A client that records (topic, payload) of everything under topic."""
     got = []
-    watcher = MQTTClient("vm-watch", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
+    watcher = MQTTClient(name, open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
     await watcher.connect(E["broker_host"], E["broker_port"])
-    await watcher.subscribe("iwaki/vm-0001/#", 1)
+    await watcher.subscribe(topic, 1)
+    return watcher, got
+
+
+def start_node(profile, node, flash, seed):
+    """A virtual node on its own paced clock, running: (node, its task, the clock's pacer)."""
     clock = PacedClock()
     pacer = asyncio.create_task(clock.run())
-    os.mkdir("/flash/vm1")
-    ident = {"node": "vm-0001", "root": "iwaki", "user": "vm-0001", "password": "",
+    os.mkdir(flash)
+    ident = {"node": node, "root": "iwaki", "user": node, "password": "",
              "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
-    v = VirtualNode(fast_env_station(), ident, "/flash/vm1", clock, open_connection, seed=3)
-    task = asyncio.create_task(v.run())
+    v = VirtualNode(profile, ident, flash, clock, open_connection, seed=seed)
+    return v, asyncio.create_task(v.run()), pacer
+
+
+async def test_node_publishes_birth_state_telemetry_health_and_its_will():
+    watcher, got = await watch("vm-watch", "iwaki/vm-0001/#")
+    v, task, pacer = start_node(fast_env_station(), "vm-0001", "/flash/vm1", 3)
 
     def kinds():
         return [t.split("/")[-1] for t, _ in got]
@@ -73,23 +84,14 @@ async def test_node_publishes_birth_state_telemetry_health_and_its_will():
 
 
 async def test_river_stage_event_switches_the_node_to_event_mode():
-    got = []
-    watcher = MQTTClient("vm-watch-r", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
-    await watcher.connect(E["broker_host"], E["broker_port"])
-    await watcher.subscribe("iwaki/vm-river/#", 1)
+    watcher, got = await watch("vm-watch-r", "iwaki/vm-river/#")
     p = load_profile("/boards/river-station.json")
     p["report"].update(window_s=5, health_s=60, max_silence_s=5, event_window_s=1, quiet_s=600)
     for s in p["sensors"]:
         if s["kind"] == "adxl345":
             s["options"]["window_s"] = 10
     p = check_profile(p)
-    clock = PacedClock()
-    pacer = asyncio.create_task(clock.run())
-    os.mkdir("/flash/vm2")
-    ident = {"node": "vm-river", "root": "iwaki", "user": "vm-river", "password": "",
-             "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
-    v = VirtualNode(p, ident, "/flash/vm2", clock, open_connection, seed=4)
-    task = asyncio.create_task(v.run())
+    v, task, pacer = start_node(p, "vm-river", "/flash/vm2", 4)
 
     def events():
         return [json.loads(m) for t, m in got if t.endswith("/event")]
@@ -115,17 +117,8 @@ async def test_a_clean_stop_says_shutdown_and_no_will_follows():
     # PUBACK held back for longer than a loop tick; afterwards the broker
     # must not publish the will ("lost"). (tests/sim/test_virtual_node.py
     # shows the race this guards against under CPython, where it is exact.)
-    got = []
-    watcher = MQTTClient("vm-watch-s", open_connection, on_message=lambda t, m: got.append((t.decode(), m)))
-    await watcher.connect(E["broker_host"], E["broker_port"])
-    await watcher.subscribe("iwaki/vm-stop/state", 1)
-    clock = PacedClock()
-    pacer = asyncio.create_task(clock.run())
-    os.mkdir("/flash/vmstop")
-    ident = {"node": "vm-stop", "root": "iwaki", "user": "vm-stop", "password": "",
-             "broker": {"host": E["broker_host"], "port": E["broker_port"]}}
-    v = VirtualNode(fast_env_station(), ident, "/flash/vmstop", clock, open_connection, seed=4)
-    task = asyncio.create_task(v.run())
+    watcher, got = await watch("vm-watch-s", "iwaki/vm-stop/state")
+    v, task, pacer = start_node(fast_env_station(), "vm-stop", "/flash/vmstop", 4)
     assert await wait(lambda: v.node.uplink.sent >= 2, 15000)
     client = v.node.uplink.client
     real_wait_ack = client._wait_ack
