@@ -22,6 +22,7 @@ import sys
 import threading
 from datetime import datetime
 
+from fleet.output import print_rows
 from fleet.registry import Registry, RegistryError, parse_iso, utc_now
 from fleet.settings import SettingsError, get_settings
 
@@ -262,15 +263,12 @@ def run_alerts(args: argparse.Namespace) -> int:
             return 0
         health.evaluate(registry)
         rows = health.alerts(registry, include_closed=args.all)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print("(no alerts)")
-    else:
-        for a in rows:
-            state = "closed" if a["closed_at"] else ("acked" if a["acked_at"] else "OPEN")
-            print(f"{a['id']:>5}  {state:<6}  {a['severity']:<8}  {a['node']:<12}  {a['kind']:<15}  "
-                  f"{a['opened_at']}  {a['message']}")
+    def line(a: dict) -> str:
+        state = "closed" if a["closed_at"] else ("acked" if a["acked_at"] else "OPEN")
+        return (f"{a['id']:>5}  {state:<6}  {a['severity']:<8}  {a['node']:<12}  {a['kind']:<15}  "
+                f"{a['opened_at']}  {a['message']}")
+
+    print_rows(rows, args.json, "alerts", line)
     return 0
 
 
@@ -322,15 +320,10 @@ def run_tokens(args: argparse.Namespace) -> int:
             tokens.revoke(registry, args.name, args.actor)
             print(f"{args.name}: revoked; the API refuses it from now on", file=sys.stderr)
         else:
-            rows = tokens.tokens(registry)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            elif not rows:
-                print("(no tokens)")
-            else:
-                for t in rows:
-                    state = "revoked " + t["revoked_at"] if t["revoked_at"] else "active"
-                    print(f"{t['name']:<24} {t['role']:<10} {state:<32} last used {t['last_used_at'] or 'never'}")
+            print_rows(tokens.tokens(registry), args.json, "tokens",
+                       lambda t: f"{t['name']:<24} {t['role']:<10} "
+                                 f"{'revoked ' + t['revoked_at'] if t['revoked_at'] else 'active':<32} "
+                                 f"last used {t['last_used_at'] or 'never'}")
     return 0
 
 

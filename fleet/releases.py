@@ -34,6 +34,7 @@ import tomllib
 from pathlib import Path, PurePosixPath
 
 from fleet import keys as K
+from fleet.output import print_rows
 from fleet.registry import Registry, iso, utc_now
 from fleet.settings import get_settings
 
@@ -404,14 +405,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"release {args.action} needs a version")
     with Registry(settings.db, create=False) as registry:
         if args.action == "list":
-            rows = releases(registry)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            elif not rows:
-                print("(no releases)")
-            for r in [] if args.json else rows:
-                print(f"{r['version']:<12} {r['kind']:<7} {r['total_size']:>8} bytes  key {r['key_id']}  "
-                      f"{r['created_at']}  {','.join(r['boards'])}")
+            print_rows(releases(registry), args.json, "releases",
+                       lambda r: f"{r['version']:<12} {r['kind']:<7} {r['total_size']:>8} bytes  key {r['key_id']}  "
+                                 f"{r['created_at']}  {','.join(r['boards'])}")
             return 0
         row = require(registry, args.release)
     if args.action == "verify":

@@ -44,6 +44,7 @@ from datetime import datetime, timedelta
 from fractions import Fraction
 
 from fleet import releases as R
+from fleet.output import print_rows
 from fleet.registry import Registry, iso, parse_iso, utc_now
 from fleet.settings import Settings, get_settings
 
@@ -586,14 +587,10 @@ def run(args: argparse.Namespace) -> int:
             out = start(registry, args.release, args.wave or DEFAULT_WAVES, args.soak,
                         0.2 if args.threshold is None else args.threshold, args.actor, args.node, args.force)
         elif args.action == "list":
-            rows = rollouts(registry)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            elif not rows:
-                print("(no rollouts)")
-            for r in [] if args.json else rows:
-                print(f"{r['id']:>4}  {r['release']:<10} {r['state']:<8} wave {r['current_wave'] or '-'}/"
-                      f"{len(r['waves'])}  {_counts_text(r['counts'])}  {r['created_at']}  {r['reason'] or ''}")
+            print_rows(rollouts(registry), args.json, "rollouts",
+                       lambda r: f"{r['id']:>4}  {r['release']:<10} {r['state']:<8} wave {r['current_wave'] or '-'}/"
+                                 f"{len(r['waves'])}  {_counts_text(r['counts'])}  {r['created_at']}  "
+                                 f"{r['reason'] or ''}")
             return 0
         elif args.action == "show":
             out = detail(registry, args.rollout)

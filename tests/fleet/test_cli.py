@@ -231,3 +231,14 @@ def test_settings_come_from_the_environment_and_flags_override_them(monkeypatch)
 def test_bad_settings_are_refused_with_the_reason(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize("command, things", [(["alerts"], "alerts"), (["tokens", "list"], "tokens"),
+                                             (["release", "list"], "releases"), (["rollout", "list"], "rollouts")])
+def test_list_commands_on_an_empty_registry_say_so_or_print_an_empty_json_list(tmp_path, capsys, command, things):
+    db = str(tmp_path / "fleet.db")
+    Registry(db).close()
+    assert cli.main([*command, "--db", db]) == 0
+    assert capsys.readouterr().out == f"(no {things})\n"
+    assert cli.main([*command, "--json", "--db", db]) == 0
+    assert json.loads(capsys.readouterr().out) == []
